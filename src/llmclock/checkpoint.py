@@ -1,0 +1,243 @@
+"""Checkpoints: a directory of safetensors + JSON, never pickle, always written atomically.
+
+    CKPT/
+      config.json            model shape (+ format marker)
+      model.safetensors      weights, GPT-2 names (lm_head is tied to wte and not stored)
+      tokenizer.json         the tokenizer the model was trained with
+      optimizer.safetensors  AdamW moments, keyed by parameter name   (training checkpoints)
+      train_state.json       step, recipe, RNG states, data position  (training checkpoints)
+
+A training run's `ckpt` is a symlink to a versioned sibling directory (`ckpt.step0000500`).
+Saving writes a new sibling under a temporary name, renames it into place, then swaps the link
+with `os.replace`, so at every instant `ckpt` names a complete checkpoint; a crash or a full disk
+mid-save leaves the previous one untouched.
+"""
+
+from __future__ import annotations
+
+import base64
+import errno
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from .config import ModelConfig
+from .errors import LLMClockError
+
+FORMAT = "llmclock-checkpoint-v1"
+WEIGHTS, CONFIG, TOKENIZER = "model.safetensors", "config.json", "tokenizer.json"
+OPTIMIZER, STATE = "optimizer.safetensors", "train_state.json"
+TIED = ("lm_head.weight",)
+
+
+def _write_json(path: Path, obj) -> None:
+    path.write_text(json.dumps(obj, indent=2) + "\n")
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The model's tensors to store: contiguous CPU copies, tied weights left out."""
+    return {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items() if k not in TIED}
+
+
+def optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    """AdamW moments keyed by parameter name (the param order in the optimizer is not stable)."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    out = {}
+    for p, st in optimizer.state.items():
+        for key, t in st.items():
+            out[f"{names[id(p)]}.{key}"] = torch.as_tensor(t).detach().to("cpu").contiguous()
+    return out
+
+
+def load_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, tensors: dict) -> None:
+    for n, p in model.named_parameters():
+        st = {k[len(n) + 1 :]: v for k, v in tensors.items() if k.rsplit(".", 1)[0] == n}
+        if st:
+            optimizer.state[p] = {
+                k: v.to(p.device) if k != "step" else v.to(torch.float32) for k, v in st.items()
+            }
+
+
+def rng_state() -> dict:
+    st = {"torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()}
+    if torch.cuda.is_available():
+        st["cuda"] = [base64.b64encode(s.numpy().tobytes()).decode() for s in torch.cuda.get_rng_state_all()]
+    return st
+
+
+def set_rng_state(st: dict) -> None:
+    def tensor(b64: str) -> torch.Tensor:
+        return torch.frombuffer(bytearray(base64.b64decode(b64)), dtype=torch.uint8)
+
+    torch.set_rng_state(tensor(st["torch"]))
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([tensor(s) for s in st["cuda"]])
+
+
+def write_checkpoint(
+    dest: Path,
+    model: torch.nn.Module,
+    tokenizer,
+    *,
+    optimizer: torch.optim.Optimizer | None = None,
+    train_state: dict | None = None,
+) -> None:
+    """Write a complete checkpoint to a new directory `dest` (temp dir + rename)."""
+    from safetensors.torch import save_file
+
+    dest = Path(dest)
+    if dest.exists():
+        raise LLMClockError(f"{dest} already exists; refusing to overwrite it")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.parent / f".{dest.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        config = model.config.to_dict() | {"format": FORMAT, "architecture": "gpt2"}
+        _write_json(tmp / CONFIG, config)
+        save_file(model_state(model), str(tmp / WEIGHTS), metadata={"format": "pt"})
+        if tokenizer is not None:
+            tokenizer.save(tmp / TOKENIZER)
+        if optimizer is not None:
+            save_file(optimizer_state(model, optimizer), str(tmp / OPTIMIZER))
+        if train_state is not None:
+            _write_json(tmp / STATE, train_state)
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        os.rename(tmp, dest)
+        _fsync_dir(dest.parent)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            raise LLMClockError(f"no space left on device while writing checkpoint {dest}") from None
+        raise
+
+
+def save_checkpoint(link: Path, model, tokenizer, *, step: int, optimizer=None, train_state=None) -> Path:
+    """Save a training checkpoint behind the symlink `link` and atomically repoint it.
+
+    Returns the versioned directory written. Older versions are removed only after the link
+    points at the new one.
+    """
+    link = Path(link)
+    if link.exists() and not link.is_symlink():
+        raise LLMClockError(f"{link} is a directory, not a checkpoint link; refusing to replace it")
+    target = link.parent / f"{link.name}.step{step:07d}"
+    if target.exists():  # re-saving the same step (e.g. after an interrupt): replace it
+        if link.is_symlink() and os.readlink(link) == target.name:
+            os.unlink(link)
+        shutil.rmtree(target)
+    write_checkpoint(target, model, tokenizer, optimizer=optimizer, train_state=train_state)
+    tmp_link = link.parent / f".{link.name}.link-{os.getpid()}"
+    if tmp_link.is_symlink():
+        tmp_link.unlink()
+    os.symlink(target.name, tmp_link)
+    os.replace(tmp_link, link)
+    _fsync_dir(link.parent)
+    for old in link.parent.glob(f"{link.name}.step*"):
+        if old.name != target.name and old.is_dir():
+            shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def read_config(ckpt: Path) -> ModelConfig:
+    ckpt = Path(ckpt)
+    if not ckpt.is_dir():
+        raise LLMClockError(f"checkpoint directory {ckpt} not found")
+    path = ckpt / CONFIG
+    if not path.is_file():
+        raise LLMClockError(f"{path}: missing (not an llmclock checkpoint?)")
+    try:
+        d = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise LLMClockError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise LLMClockError(f"{path}: expected a JSON object")
+    if d.pop("format", None) != FORMAT or d.pop("architecture", None) != "gpt2":
+        raise LLMClockError(
+            f"{path}: not an llmclock GPT-2 checkpoint config (Hugging Face checkpoints: use `llmclock import-hf`)"
+        )
+    return ModelConfig.from_dict(d)
+
+
+def read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise LLMClockError(f"{path}: missing")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise LLMClockError(f"{path}: truncated or corrupt safetensors file ({e})") from None
+
+
+def load_weights(model: torch.nn.Module, tensors: dict[str, torch.Tensor], source: Path) -> None:
+    """Copy tensors into the model, naming every missing, unexpected or misshapen tensor."""
+    expected = {k: v for k, v in model.state_dict().items() if k not in TIED}
+    problems = [f"missing {k}" for k in expected if k not in tensors]
+    problems += [f"unexpected {k}" for k in tensors if k not in expected]
+    problems += [
+        f"{k} has shape {tuple(tensors[k].shape)}, config expects {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in tensors and tensors[k].shape != v.shape
+    ]
+    if problems:
+        more = f" (+{len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise LLMClockError(f"{source}: does not match {CONFIG}: {'; '.join(problems[:3])}{more}")
+    model.load_state_dict(tensors, strict=False)
+
+
+def load_checkpoint(ckpt: str | Path, device: str | torch.device = "cpu", *, with_tokenizer: bool = True):
+    """(model in eval mode, tokenizer or None) from a checkpoint directory, validated."""
+    from .model import GPT
+
+    ckpt = Path(ckpt)
+    config = read_config(ckpt)
+    tensors = read_tensors(ckpt / WEIGHTS)
+    with torch.device("meta"):
+        model = GPT(config)
+    model = model.to_empty(device="cpu")
+    load_weights(model, tensors, ckpt / WEIGHTS)
+    model.lm_head.weight = model.transformer.wte.weight  # to_empty breaks the tie; restore it
+    model.to(device).eval()
+    tokenizer = load_tokenizer(ckpt, config) if with_tokenizer else None
+    return model, tokenizer
+
+
+def load_tokenizer(ckpt: Path, config: ModelConfig):
+    from .tokenizer import Tokenizer
+
+    path = Path(ckpt) / TOKENIZER
+    if not path.is_file():
+        raise LLMClockError(f"{path}: missing")
+    tok = Tokenizer.load(path)
+    if tok.vocab_size > config.vocab_size:
+        raise LLMClockError(
+            f"{path}: tokenizer has {tok.vocab_size} tokens but the model's vocab_size is {config.vocab_size}"
+        )
+    return tok
+
+
+def load_train_state(ckpt: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(train_state.json, optimizer tensors) of a training checkpoint."""
+    path = Path(ckpt) / STATE
+    if not path.is_file():
+        raise LLMClockError(f"{path}: missing (checkpoint has no training state to resume from)")
+    try:
+        state = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise LLMClockError(f"{path}: not valid JSON ({e})") from None
+    return state, read_tensors(Path(ckpt) / OPTIMIZER)

@@ -1,0 +1,357 @@
+"""The training loop: single process, or many under `torchrun` (DistributedDataParallel).
+
+Everything a step depends on is a pure function of the step number (the batch offsets, the
+learning rate), and the RNG and optimizer moments are checkpointed, so a run stopped and resumed
+produces the same losses as one that never stopped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from . import checkpoint as ckpt_io
+from .config import ModelConfig, TrainConfig
+from .errors import LLMClockError
+from .evaluate import evaluate
+from .model import GPT
+
+
+@dataclass
+class TrainResult:
+    step: int
+    """Optimizer steps completed."""
+    elapsed: float
+    """Seconds spent in this call (evaluations included)."""
+    tokens_per_s: float
+    """Training tokens processed per second in this call."""
+    ms_per_step: float
+    """Mean wall time per optimizer step in this call, evaluations included."""
+    last_loss: float
+    """Training loss of the final step."""
+    evals: dict = field(default_factory=dict)
+    """Final evaluation per split: {'val': {'loss', 'ppl', 'acc'}, 'test': {...}}."""
+    ckpt: Path | None = None
+    metrics: Path | None = None
+    plot: Path | None = None
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up to the peak, then cosine decay to min_lr at lr_decay_steps."""
+    decay_steps = cfg.lr_decay_steps or cfg.max_steps
+    if step < cfg.warmup_steps:
+        return cfg.learning_rate * (step + 1) / (cfg.warmup_steps + 1)
+    if step >= decay_steps:
+        return cfg.min_lr
+    ratio = (step - cfg.warmup_steps) / max(1, decay_steps - cfg.warmup_steps)
+    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.learning_rate - cfg.min_lr)
+
+
+def make_optimizer(model: GPT, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only (not biases, norms); fused kernel where possible."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    kwargs = dict(lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), eps=1e-8)
+    try:
+        return torch.optim.AdamW(groups, fused=True, **kwargs)
+    except (RuntimeError, TypeError):
+        return torch.optim.AdamW(groups, **kwargs)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise LLMClockError(f"device {name!r} requested but CUDA is not available")
+    return torch.device(name)
+
+
+@dataclass
+class Dist:
+    """This process's place in a torchrun job (rank 0 of 1 when run alone)."""
+
+    rank: int = 0
+    local_rank: int = 0
+    world: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: torch.device) -> tuple[Dist, torch.device]:
+    if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return Dist(), device
+    import torch.distributed as dist
+
+    d = Dist(int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ["WORLD_SIZE"]))
+    if device.type == "cuda":
+        device = torch.device("cuda", d.local_rank)
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return d, device
+
+
+class MetricsLog:
+    """metrics.jsonl (append, so a resumed run continues it) and TensorBoard when installed."""
+
+    def __init__(self, path: Path, enabled: bool):
+        self.path, self.enabled, self.tb = path, enabled, None
+        if enabled:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(path.parent / "tensorboard"))
+            except ImportError:
+                pass
+
+    def write(self, **record) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            prefix = record.get("split", "train")
+            for k, v in record.items():
+                if isinstance(v, float) and k not in ("step", "time"):
+                    self.tb.add_scalar(f"{prefix}/{k}", v, record["step"])
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def train(
+    model_config: ModelConfig,
+    cfg: TrainConfig,
+    data,
+    out_dir: str | Path,
+    *,
+    tokenizer=None,
+    resume: bool = False,
+    init_from: str | Path | None = None,
+    progress: bool = True,
+    log_interval: int = 10,
+    on_step=None,
+) -> TrainResult:
+    """Train on `data` (a data.TokenData) and keep a resumable checkpoint at OUT_DIR/ckpt.
+
+    `init_from` starts from a checkpoint's weights (fine-tuning); `resume` continues OUT_DIR's own
+    run exactly. `on_step(step, loss)` is called after every optimizer step; an exception it
+    raises (KeyboardInterrupt included) stops training after a checkpoint is saved.
+    """
+    from .data import eval_batches, get_batch
+
+    out_dir = Path(out_dir)
+    link = out_dir / "ckpt"
+    device = resolve_device(cfg.device)
+    dist, device = init_distributed(device)
+    if cfg.block_size > model_config.block_size:
+        raise LLMClockError(
+            f"block size {cfg.block_size} is larger than the model's context ({model_config.block_size})"
+        )
+    if data.vocab_size > model_config.vocab_size:
+        raise LLMClockError(
+            f"data was tokenized with {data.vocab_size} ids but the model has vocab_size {model_config.vocab_size}"
+        )
+    torch.manual_seed(cfg.seed + dist.rank)
+    model = GPT(model_config).to(device)
+    optimizer = make_optimizer(model, cfg, device)
+    step, prior = 0, {}
+    if resume:
+        if not link.exists():
+            raise LLMClockError(f"nothing to resume: {link} not found")
+        saved_cfg = ckpt_io.read_config(link)
+        if saved_cfg != model_config:
+            raise LLMClockError(f"{link}/config.json: model shape differs from the requested one")
+        ckpt_io.load_weights(model, ckpt_io.read_tensors(link / ckpt_io.WEIGHTS), link / ckpt_io.WEIGHTS)
+        state, opt_tensors = ckpt_io.load_train_state(link)
+        ckpt_io.load_optimizer_state(model, optimizer, opt_tensors)
+        step, prior = state["step"], state
+        ckpt_io.set_rng_state(state["rng"])
+        if tokenizer is None:
+            tokenizer = ckpt_io.load_tokenizer(link, model_config)
+    elif init_from is not None:
+        src = Path(init_from)
+        ckpt_io.load_weights(model, ckpt_io.read_tensors(src / ckpt_io.WEIGHTS), src / ckpt_io.WEIGHTS)
+    elif dist.main and link.exists():
+        raise LLMClockError(f"{out_dir} already holds a run; pass --resume to continue it or choose another --out")
+
+    train_tokens = data.tokens("train")
+    val_tokens = data.tokens("val") if data.num_tokens("val") else None
+    evx = None
+    if val_tokens is not None:
+        evx, evy = eval_batches(val_tokens, cfg.batch_size, cfg.block_size, cfg.eval_batches, cfg.seed)
+
+    raw_model = model
+    if cfg.compile:
+        model = torch.compile(model)
+    if dist.world > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    autocast_dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else None
+
+    def autocast():
+        if autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=device.type, dtype=autocast_dtype)
+
+    if dist.main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+    log = MetricsLog(out_dir / "metrics.jsonl", dist.main)
+    tokens_per_step = cfg.batch_size * cfg.block_size * cfg.grad_accum * dist.world
+    bar = None
+    if progress and dist.main:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=cfg.max_steps, initial=step, desc="train", unit="step", dynamic_ncols=True, disable=None)
+    elapsed = 0.0
+
+    def run_eval(at_step: int) -> dict | None:
+        if evx is None:
+            return None
+        chunk = cfg.batch_size * 4
+        r = evaluate(raw_model, evx, evy, device=device, chunk=chunk, dist=dist, autocast=autocast)
+        log.write(step=at_step, split="val", **r)
+        if bar is not None:
+            bar.write(f"step {at_step}: val loss {r['loss']:.4f}  ppl {r['ppl']:.2f}  acc {r['acc']:.3f}")
+        return r
+
+    def save(at_step: int) -> None:
+        if not dist.main:
+            return
+        state = {
+            "step": at_step,
+            "train_config": cfg.to_dict(),
+            "rng": ckpt_io.rng_state(),
+            "tokens_seen": prior.get("tokens_seen", 0) + (at_step - start_step) * tokens_per_step,
+            "data_seed": cfg.seed,
+            "tokenizer_hash": data.tokenizer_hash,
+        }
+        ckpt_io.save_checkpoint(link, raw_model, tokenizer, step=at_step, optimizer=optimizer, train_state=state)
+
+    start_step, t0 = step, time.perf_counter()
+    last_loss = float("nan")
+    model.train()
+    try:
+        while step < cfg.max_steps:
+            if cfg.eval_interval and step % cfg.eval_interval == 0 and step > start_step:
+                run_eval(step)
+            lr = lr_at(step, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss_acc = 0.0
+            for micro in range(cfg.grad_accum):
+                x, y = get_batch(
+                    train_tokens, cfg.batch_size, cfg.block_size, seed=cfg.seed, step=step, micro=micro, rank=dist.rank
+                )
+                x, y = torch.from_numpy(x).to(device), torch.from_numpy(y).to(device)
+                sync = dist.world == 1 or micro == cfg.grad_accum - 1
+                ctx = contextlib.nullcontext() if sync else model.no_sync()
+                with ctx, autocast():
+                    _, loss = model(x, y)
+                    loss = loss / cfg.grad_accum
+                loss.backward()
+                loss_acc += loss.item()
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            last_loss = loss_acc
+            if not math.isfinite(last_loss):
+                raise LLMClockError(f"training diverged at step {step} (loss {last_loss}); lower the learning rate")
+            if step % log_interval == 0 or step == cfg.max_steps:
+                now = time.perf_counter()
+                tps = tokens_per_step * (step - start_step) / (now - t0)
+                log.write(step=step, split="train", loss=last_loss, lr=lr, tokens_per_s=tps, time=now - t0)
+                if bar is not None:
+                    bar.set_postfix(loss=f"{last_loss:.4f}", tok_s=f"{tps:,.0f}", lr=f"{lr:.2e}")
+            if bar is not None:
+                bar.update(1)
+            if on_step is not None:
+                on_step(step, last_loss)
+            if cfg.checkpoint_interval and step % cfg.checkpoint_interval == 0 and step < cfg.max_steps:
+                save(step)
+            if cfg.max_seconds is not None and time.perf_counter() - t0 >= cfg.max_seconds:
+                break
+        elapsed = time.perf_counter() - t0
+    except KeyboardInterrupt:
+        if step > start_step:
+            save(step)
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+    evals = {}
+    final_val = run_eval(step)
+    if final_val is not None:
+        evals["val"] = final_val
+    if data.num_tokens("test"):
+        tx, ty = eval_batches(data.tokens("test"), cfg.batch_size, cfg.block_size, cfg.eval_batches, cfg.seed)
+        evals["test"] = evaluate(
+            raw_model, tx, ty, device=device, chunk=cfg.batch_size * 4, dist=dist, autocast=autocast
+        )
+        log.write(step=step, split="test", **evals["test"])
+    save(step)
+    log.close()
+    n = max(1, step - start_step)
+    result = TrainResult(
+        step=step,
+        elapsed=elapsed,
+        tokens_per_s=tokens_per_step * n / elapsed if step > start_step else 0.0,
+        ms_per_step=1000 * elapsed / n,
+        last_loss=last_loss,
+        evals=evals,
+        ckpt=link if dist.main else None,
+        metrics=log.path if dist.main else None,
+    )
+    if dist.main:
+        result.plot = plot_metrics(log.path, out_dir / "loss.png")
+    if dist.world > 1:
+        import torch.distributed as tdist
+
+        tdist.destroy_process_group()
+    return result
+
+
+def plot_metrics(metrics: Path, out: Path) -> Path | None:
+    """Loss curve (train per logged step, validation per evaluation) as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    train = [(r["step"], r["loss"]) for r in rows if r.get("split") == "train"]
+    val = [(r["step"], r["loss"]) for r in rows if r.get("split") == "val"]
+    if not train and not val:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
+    if train:
+        ax.plot(*zip(*train), label="train", lw=1)
+    if val:
+        ax.plot(*zip(*val), "o-", label="validation", lw=1.5)
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = out.with_suffix(".tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, out)
+    return out

@@ -1,0 +1,47 @@
+"""Shared fixtures: a tiny corpus, its char tokenizer and shards, a tiny model. All seeded."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+torch.set_num_threads(2)
+
+CORPUS = (
+    "First Citizen:\nBefore we proceed any further, hear me speak.\n\n"
+    "All:\nSpeak, speak.\n\nFirst Citizen:\nYou are all resolved rather to die than to famish?\n\n"
+    "All:\nResolved. resolved.\n\nFirst Citizen:\nFirst, you know Caius Marcius is chief enemy to the people.\n"
+) * 40
+
+
+@pytest.fixture(scope="session")
+def corpus_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("corpus") / "tiny.txt"
+    path.write_text(CORPUS)
+    return path
+
+
+@pytest.fixture(scope="session")
+def char_tok():
+    from llmclock.tokenizer import Tokenizer
+
+    return Tokenizer.train_char([CORPUS])
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory, corpus_file, char_tok):
+    from llmclock.data import prepare
+
+    out = tmp_path_factory.mktemp("data") / "shards"
+    prepare([str(corpus_file)], char_tok, out, val_fraction=0.1, test_fraction=0.1, shuffle_files=False)
+    char_tok.save(out / "tokenizer.json")
+    return out
+
+
+@pytest.fixture
+def tiny_model(char_tok):
+    from llmclock.config import preset
+    from llmclock.model import GPT
+
+    torch.manual_seed(0)
+    return GPT(preset("test", vocab_size=char_tok.vocab_size)).eval()
