@@ -5,7 +5,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from llmclock.config import TrainConfig, preset
 from llmclock.data import TokenData

@@ -16,6 +16,7 @@ mid-save leaves the previous one untouched.
 from __future__ import annotations
 
 import base64
+import contextlib
 import errno
 import json
 import os
@@ -33,8 +34,21 @@ OPTIMIZER, STATE = "optimizer.safetensors", "train_state.json"
 TIED = ("lm_head.weight",)
 
 
-def _write_json(path: Path, obj) -> None:
+def write_json(path: Path, obj) -> None:
     path.write_text(json.dumps(obj, indent=2) + "\n")
+
+
+def read_json(path: Path, *, missing: str = "missing") -> dict:
+    """A JSON object from `path`, or an LLMClockError naming the file and what is wrong."""
+    if not path.is_file():
+        raise LLMClockError(f"{path}: {missing}")
+    try:
+        d = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise LLMClockError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise LLMClockError(f"{path}: expected a JSON object")
+    return d
 
 
 def _fsync_dir(path: Path) -> None:
@@ -96,6 +110,23 @@ def write_checkpoint(
     """Write a complete checkpoint to a new directory `dest` (temp dir + rename)."""
     from safetensors.torch import save_file
 
+    with atomic_dir(dest) as tmp:
+        write_json(tmp / CONFIG, model.config.to_dict() | {"format": FORMAT, "architecture": "gpt2"})
+        save_file(model_state(model), str(tmp / WEIGHTS), metadata={"format": "pt"})
+        if tokenizer is not None:
+            tokenizer.save(tmp / TOKENIZER)
+        if optimizer is not None:
+            save_file(optimizer_state(model, optimizer), str(tmp / OPTIMIZER))
+        if train_state is not None:
+            write_json(tmp / STATE, train_state)
+
+
+@contextlib.contextmanager
+def atomic_dir(dest: Path):
+    """Yield a temporary sibling directory to fill; on success fsync it and rename it to `dest`.
+
+    On any failure the temporary directory is removed and `dest` never appears half-written.
+    """
     dest = Path(dest)
     if dest.exists():
         raise LLMClockError(f"{dest} already exists; refusing to overwrite it")
@@ -104,15 +135,7 @@ def write_checkpoint(
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        config = model.config.to_dict() | {"format": FORMAT, "architecture": "gpt2"}
-        _write_json(tmp / CONFIG, config)
-        save_file(model_state(model), str(tmp / WEIGHTS), metadata={"format": "pt"})
-        if tokenizer is not None:
-            tokenizer.save(tmp / TOKENIZER)
-        if optimizer is not None:
-            save_file(optimizer_state(model, optimizer), str(tmp / OPTIMIZER))
-        if train_state is not None:
-            _write_json(tmp / STATE, train_state)
+        yield tmp
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
@@ -121,7 +144,7 @@ def write_checkpoint(
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, OSError) and e.errno == errno.ENOSPC:
-            raise LLMClockError(f"no space left on device while writing checkpoint {dest}") from None
+            raise LLMClockError(f"no space left on device while writing {dest}") from None
         raise
 
 
@@ -157,14 +180,7 @@ def read_config(ckpt: Path) -> ModelConfig:
     if not ckpt.is_dir():
         raise LLMClockError(f"checkpoint directory {ckpt} not found")
     path = ckpt / CONFIG
-    if not path.is_file():
-        raise LLMClockError(f"{path}: missing (not an llmclock checkpoint?)")
-    try:
-        d = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise LLMClockError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(d, dict):
-        raise LLMClockError(f"{path}: expected a JSON object")
+    d = read_json(path, missing="missing (not an llmclock checkpoint?)")
     if d.pop("format", None) != FORMAT or d.pop("architecture", None) != "gpt2":
         raise LLMClockError(
             f"{path}: not an llmclock GPT-2 checkpoint config (Hugging Face checkpoints: use `llmclock import-hf`)"
@@ -233,11 +249,5 @@ def load_tokenizer(ckpt: Path, config: ModelConfig):
 
 def load_train_state(ckpt: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     """(train_state.json, optimizer tensors) of a training checkpoint."""
-    path = Path(ckpt) / STATE
-    if not path.is_file():
-        raise LLMClockError(f"{path}: missing (checkpoint has no training state to resume from)")
-    try:
-        state = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise LLMClockError(f"{path}: not valid JSON ({e})") from None
+    state = read_json(Path(ckpt) / STATE, missing="missing (checkpoint has no training state to resume from)")
     return state, read_tensors(Path(ckpt) / OPTIMIZER)

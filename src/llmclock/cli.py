@@ -174,6 +174,45 @@ def cmd_chat(a) -> None:
     chat_loop(_engine(a), _sampling(a), system=a.system, echo=_print, read=input)
 
 
+def cmd_trace(a) -> None:
+    import dataclasses
+
+    from .trace import Tracer
+
+    base = _sampling(a)
+    params = [dataclasses.replace(base, seed=None if base.seed is None else base.seed + i) for i in range(len(a.prompt))]
+    engine = _engine(a, slots=len(a.prompt))
+    with Tracer(engine, logit_lens=a.logit_lens, top_n=a.top_n) as tr:
+        done = engine.complete(a.prompt, params, truncate=a.truncate)
+    paths = tr.write(a.out, tr.header(ckpt=a.ckpt))
+    slot = {q["request_id"]: q["slot"] for q in tr.requests}
+    for prompt, c in zip(a.prompt, done):
+        _print(f"[slot {slot[c.request_id]}] {prompt!r} -> {c.text!r}")
+    _print(tr.summary())
+    _print(f"wrote {paths['jsonl']}, {paths['perfetto']} (ui.perfetto.dev), {paths['plot']}")
+
+
+def cmd_replay(a) -> None:
+    from .trace import diff, load, replay
+
+    if a.against:
+        ours = load(a.trace)[1]
+        div = diff(ours, load(a.against)[1])
+        if div is None:
+            _print(f"traces identical ({len({r.cycle for r in ours})} cycles)")
+            return
+        _print(div.describe((str(a.trace), str(a.against))))
+        raise SystemExit(1)
+    r = replay(a.trace, ckpt=a.ckpt)
+    if r.divergence is None:
+        _print(f"replay: identical ({r.cycles} cycles)")
+        if r.max_logprob_diff:
+            _print(f"note: same tokens, but logprobs differ by up to {r.max_logprob_diff:.3g} (other kernels or threads?)")
+        return
+    _print("replay: differs; " + r.divergence.describe(("recorded", "replayed")))
+    raise SystemExit(1)
+
+
 def cmd_import_hf(a) -> None:
     from .hf import import_hf
 
@@ -312,6 +351,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system", default="", help="system message")
     _add_sampling_args(p)
     p.set_defaults(fn=cmd_chat)
+
+    p = sub.add_parser("trace", help="generate with an oscilloscope on the clock: per-cycle records, Perfetto, plot")
+    p.add_argument("--ckpt", required=True)
+    p.add_argument("--prompt", action="append", required=True, help="repeatable: prompts run as a batch, one slot each")
+    p.add_argument("--out", required=True, help="directory for trace.jsonl, trace.perfetto.json, trace.png")
+    p.add_argument("--logit-lens", help="layers to read the residual stream at: 'all' or e.g. '0,5,-1'")
+    p.add_argument("--top-n", type=int, default=5, help="alternatives recorded per cycle")
+    p.add_argument("--truncate", action="store_true", help="drop the prompt's oldest tokens if it exceeds the context")
+    _add_sampling_args(p)
+    p.set_defaults(fn=cmd_trace)
+
+    p = sub.add_parser("replay", help="re-run a trace and check it reproduces bit for bit, or diff two traces")
+    p.add_argument("trace", help="trace.jsonl (or its directory)")
+    p.add_argument("--against", help="another trace: report the first cycle where the two diverge (no model needed)")
+    p.add_argument("--ckpt", help="checkpoint to replay with (default: the one named in the trace)")
+    p.set_defaults(fn=cmd_replay)
 
     p = sub.add_parser("import-hf", help="convert a Hugging Face GPT-2 checkpoint directory to llmclock's")
     p.add_argument("hf_dir")

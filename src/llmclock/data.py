@@ -91,6 +91,8 @@ def _split_stream(stream: Path, counts: dict[str, int], itemsize: int) -> None:
             with open(stream.with_name(f"{split}.bin"), "wb") as out:
                 while remaining:
                     block = f.read(min(remaining, _COPY_BYTES))
+                    if not block:
+                        raise LLMClockError(f"{stream}: token stream ended early (disk full?)")
                     out.write(block)
                     remaining -= len(block)
             start += counts[split]
@@ -127,7 +129,7 @@ def prepare(
 
     Every document is followed by `tokenizer.eot_id`. The stream is split contiguously:
     the first (1 - val - test) of the tokens are train, then val, then test. Files are
-    ordered by a seeded shuffle (so val/test are whole random files) unless
+    ordered by a seeded shuffle (so val/test come from random files) unless
     `shuffle_files` is False. Text is encoded `chunk_chars` at a time, and the output is
     built in a temporary directory beside `out_dir`, so a crash leaves no half-written
     data dir. `progress` gets ``update(n)`` (or is called with n) per batch, n in bytes.

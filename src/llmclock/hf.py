@@ -11,23 +11,21 @@ only on request, and then with `torch.load(weights_only=True)`.
 
 from __future__ import annotations
 
-import errno
-import json
 import os
-import shutil
 from pathlib import Path
 
 import torch
 
 from .checkpoint import (
     FORMAT,
-    _fsync_dir,
-    _write_json,
+    atomic_dir,
     load_checkpoint,
     load_weights,
     model_state,
+    read_json,
     read_tensors,
     write_checkpoint,
+    write_json,
 )
 from .config import ModelConfig
 from .errors import LLMClockError
@@ -45,18 +43,6 @@ HF_DEFAULTS = dict(
 
 
 # ---------------------------------------------------------------- import
-
-
-def _read_json(path: Path) -> dict:
-    if not path.is_file():
-        raise LLMClockError(f"{path}: missing")
-    try:
-        d = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise LLMClockError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(d, dict):
-        raise LLMClockError(f"{path}: expected a JSON object")
-    return d
 
 
 def config_from_hf(d: dict, source: Path) -> ModelConfig:
@@ -108,7 +94,7 @@ def _read_pickle(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _read_sharded(index: Path, read) -> dict[str, torch.Tensor]:
-    weight_map = _read_json(index).get("weight_map")
+    weight_map = read_json(index).get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map:
         raise LLMClockError(f"{index}: no weight_map")
     tensors: dict[str, torch.Tensor] = {}
@@ -173,7 +159,7 @@ def import_hf(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, *, allow_pi
         raise LLMClockError(f"{hf_dir}: not a directory")
     if out_dir.exists():
         raise LLMClockError(f"{out_dir} already exists; refusing to overwrite it")
-    raw = _read_json(hf_dir / HF_CONFIG)
+    raw = read_json(hf_dir / HF_CONFIG)
     config = config_from_hf(raw, hf_dir / HF_CONFIG)
     tokenizer = Tokenizer.load(hf_dir)
     if tokenizer.vocab_size > config.vocab_size:
@@ -228,8 +214,8 @@ def _tokenizer_files(tokenizer, block_size: int, dest: Path) -> None:
         tokenizer_class = "PreTrainedTokenizerFast"
     eot = tokenizer.id_to_token(tokenizer.eot_id)
     special = {"bos_token": eot, "eos_token": eot, "unk_token": eot}
-    _write_json(dest / "special_tokens_map.json", special)
-    _write_json(
+    write_json(dest / "special_tokens_map.json", special)
+    write_json(
         dest / "tokenizer_config.json",
         {
             "tokenizer_class": tokenizer_class,
@@ -253,22 +239,8 @@ def export_hf(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
     config = model.config
     if not config.bias:
         raise LLMClockError(f"{ckpt_dir}: model has bias=False; GPT-2 (and so a HF export) needs biases")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        _write_json(tmp / HF_CONFIG, hf_config(config, tokenizer.eot_id))
+    with atomic_dir(out_dir) as tmp:
+        write_json(tmp / HF_CONFIG, hf_config(config, tokenizer.eot_id))
         save_file(weights_to_hf(model_state(model)), str(tmp / SAFETENSORS), metadata={"format": "pt"})
         _tokenizer_files(tokenizer, config.block_size, tmp)
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        os.rename(tmp, out_dir)
-        _fsync_dir(out_dir.parent)
-    except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
-            raise LLMClockError(f"no space left on device while writing {out_dir}") from None
-        raise
     return out_dir

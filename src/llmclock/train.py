@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from . import checkpoint as ckpt_io
 from .config import ModelConfig, TrainConfig
@@ -212,6 +211,8 @@ def train(
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
     log = MetricsLog(out_dir / "metrics.jsonl", dist.main)
+    # Evaluate in as few forwards as fit ~128 MB of logits: fewer, larger matmuls.
+    eval_chunk = max(cfg.batch_size, 2**25 // (cfg.block_size * model_config.vocab_size))
     tokens_per_step = cfg.batch_size * cfg.block_size * cfg.grad_accum * dist.world
     bar = None
     if progress and dist.main:
@@ -223,8 +224,7 @@ def train(
     def run_eval(at_step: int) -> dict | None:
         if evx is None:
             return None
-        chunk = cfg.batch_size * 4
-        r = evaluate(raw_model, evx, evy, device=device, chunk=chunk, dist=dist, autocast=autocast)
+        r = evaluate(raw_model, evx, evy, device=device, chunk=eval_chunk, dist=dist, autocast=autocast)
         log.write(step=at_step, split="val", **r)
         if bar is not None:
             bar.write(f"step {at_step}: val loss {r['loss']:.4f}  ppl {r['ppl']:.2f}  acc {r['acc']:.3f}")
@@ -303,7 +303,7 @@ def train(
     if data.num_tokens("test"):
         tx, ty = eval_batches(data.tokens("test"), cfg.batch_size, cfg.block_size, cfg.eval_batches, cfg.seed)
         evals["test"] = evaluate(
-            raw_model, tx, ty, device=device, chunk=cfg.batch_size * 4, dist=dist, autocast=autocast
+            raw_model, tx, ty, device=device, chunk=eval_chunk, dist=dist, autocast=autocast
         )
         log.write(step=step, split="test", **evals["test"])
     save(step)

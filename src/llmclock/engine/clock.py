@@ -10,6 +10,7 @@ prefill them, else tick the running ones), samples, and yields one Event per seq
 from __future__ import annotations
 
 import enum
+import functools
 import itertools
 from collections import deque
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ import torch.nn.functional as F
 
 from ..errors import LLMClockError
 from .detok import Detokenizer, StopMatcher
+from .kernels import PackedWeight, decode_linear, pack_weight
 from .kv_cache import KVCache
 from .sampler import SamplingParams, apply_penalties, draw, filter_logits
 
@@ -40,6 +42,8 @@ class Sequence:
     output_ids: list[int] = field(default_factory=list)
     text: str = ""
     finish_reason: str | None = None
+    seed: int | None = None
+    """The seed this sequence sampled with (drawn at random when the params gave none)."""
     generator: torch.Generator | None = None
     detok: Detokenizer | None = None
     stopper: StopMatcher | None = None
@@ -90,11 +94,22 @@ class Probe:
 
 
 class DecodeLinear(dict):
-    """nn.Linear -> the function a tick calls for it."""
+    """nn.Linear -> the function a tick calls for it: f(x, *, gelu=False, out=None, accumulate=False).
+
+    By default each weight is packed once into the panel layout of kernels.py, whose compiled
+    GEMV streams it at memory speed with bias, GELU and the residual add fused; `packed=False`
+    keeps plain torch ops (what torch.compile traces). The packed copies are taken at engine
+    construction: an engine serves frozen weights.
+    """
 
     @classmethod
-    def for_model(cls, model) -> "DecodeLinear":
-        return cls({m: m.forward for m in model.modules() if isinstance(m, torch.nn.Linear)})
+    def for_model(cls, model, *, packed: bool = True) -> "DecodeLinear":
+        table = cls()
+        for m in model.modules():
+            if isinstance(m, torch.nn.Linear):
+                pw = pack_weight(m.weight) if packed else PackedWeight(m.weight, pack=False)
+                table[m] = functools.partial(decode_linear, pw=pw, bias=m.bias)
+        return table
 
 
 def _attend(q, k_all, v_all, mask):
@@ -122,10 +137,10 @@ def tick(model, lin: dict, cache: KVCache, tokens, pos, L: int, mask, probe: Pro
         kc[rows, :, pos] = k
         vc[rows, :, pos] = v
         y = _attend(q.unsqueeze(2), kc[:n, :, :L], vc[:n, :, :L], mask)  # (n, nh, 1, hs)
-        x = x + lin[block.attn.c_proj](y.view(n, C))
+        lin[block.attn.c_proj](y.view(n, C), out=x, accumulate=True)  # x += proj(y), fused
         a = F.layer_norm(x, (C,), block.ln_2.weight, block.ln_2.bias, block.ln_2.eps)
-        h = F.gelu(lin[block.mlp.c_fc](a), approximate="tanh")
-        x = x + lin[block.mlp.c_proj](h)
+        h = lin[block.mlp.c_fc](a, gelu=True)  # (n, 4C)
+        lin[block.mlp.c_proj](h, out=x, accumulate=True)
         if probe is not None:
             probe.residual(i, x)
             probe.mark(f"block{i}")
@@ -156,7 +171,10 @@ def prefill(model, cache: KVCache, slot: int, ids: torch.Tensor, probe: Probe | 
 
 
 class Engine:
-    """Slots of a preallocated cache, each running one sequence that starts and stops on its own."""
+    """Slots of a preallocated cache, each running one sequence that starts and stops on its own.
+
+    With tokenizer=None the engine works on token ids alone (events carry no text).
+    """
 
     def __init__(self, model, tokenizer, *, slots: int = 1, max_len: int | None = None, compile: bool = False):
         if slots < 1:
@@ -169,7 +187,7 @@ class Engine:
         self.cache = KVCache(
             cfg.n_layer, slots, cfg.n_head, self.max_len, cfg.head_size, dtype=p.dtype, device=p.device
         )
-        self.lin = DecodeLinear.for_model(model)
+        self.lin = DecodeLinear.for_model(model, packed=not compile)
         self.compiled = compile
         self._tick = torch.compile(tick, dynamic=False) if compile else tick
         self.free = list(range(slots))
@@ -188,6 +206,8 @@ class Engine:
         """Queue a sequence; it is prefilled at the next cycle with a free slot."""
         params = params or SamplingParams()
         params.check_vocab(self.model.config.vocab_size)
+        if isinstance(prompt, str) and self.tokenizer is None:
+            raise LLMClockError("this engine has no tokenizer: give prompts as token ids")
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         if not ids:
             raise LLMClockError("prompt is empty (give at least one token)")
@@ -201,8 +221,8 @@ class Engine:
             ids = ids[-self.max_len :]
         seq = Sequence(str(request_id if request_id is not None else next(self._ids)), ids, params)
         if not params.greedy:
-            seed = params.seed if params.seed is not None else int(torch.randint(2**62, (1,)).item())
-            seq.generator = torch.Generator(device=self.device).manual_seed(seed)
+            seq.seed = params.seed if params.seed is not None else int(torch.randint(2**62, (1,)).item())
+            seq.generator = torch.Generator(device=self.device).manual_seed(seq.seed)
         seq.detok, seq.stopper = Detokenizer(self.tokenizer), StopMatcher(params.stop)
         if params.needs_counts:
             V = self.model.config.vocab_size
@@ -294,7 +314,7 @@ class Engine:
         if probe is not None:
             probe.mark("sample")
         events = []
-        eot = self.tokenizer.eot_id
+        eot = self.tokenizer.eot_id if self.tokenizer is not None else None
         for i, (s, tok) in enumerate(zip(seqs, chosen)):
             p = s.params
             s.output_ids.append(tok)

@@ -19,6 +19,8 @@ class Detokenizer:
         self.prefix = self.read = 0  # ids[prefix:read] is decoded already; ids[read:] is pending
 
     def push(self, token_id: int, final: bool = False) -> str:
+        if self.tok is None:
+            return ""
         self.ids.append(token_id)
         return self._release(final)
 

@@ -1,0 +1,165 @@
+"""Training throughput and quality on nanoGPT's CPU char-level Shakespeare recipe.
+
+    PYTHONPATH=src python bench/train.py [--data TEXT_FILE] [--iters N] [--compile]
+
+The recipe (nanoGPT README, "I only have a macbook"): characters as tokens, 4 layers, 4 heads,
+n_embd 128, block 64, batch 12, dropout 0, AdamW lr 1e-3 (beta2 0.99, weight decay 0.1 on
+matrices, grad clip 1.0), 100 warm-up steps, cosine decay to 1e-4 at 2000 steps, validation
+every 250 steps over 20 batches, first 90% of the text for training and the last 10% for val.
+nanoGPT itself runs it here at ~22,000 tokens/s and ends at val loss 1.886.
+
+Two runs, one after the other, in this process:
+  reference  a plain eager nanoGPT-style loop with llmclock's GPT (torch's default CPU AdamW,
+             a batch of per-row numpy slices, a 40-forward train+val estimate every 250 steps),
+             `--ref-iters` steps, for ms/iter only;
+  llmclock   `llmclock.train.train` with the full recipe, timed over the whole call
+             (model build, compile if any, every evaluation, the final checkpoint).
+The other jobs on a shared machine slow both alike, so the ratio is the number to trust.
+The last line is machine-readable:
+    RESULT ms_per_iter=<float> tokens_per_s=<float> val_loss=<float>
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from llmclock.config import ModelConfig, TrainConfig
+from llmclock.data import TokenData, prepare
+from llmclock.model import GPT
+from llmclock.tokenizer import Tokenizer
+from llmclock.train import train
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_DATA = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
+NANOGPT_TOKENS_PER_S = 22_000.0
+"""nanoGPT's own run of this recipe on this machine (~35 ms/iter)."""
+NANOGPT_VAL_LOSS = 1.886
+
+
+def recipe(iters: int, compile: bool) -> TrainConfig:
+    return TrainConfig(
+        max_steps=iters, batch_size=12, block_size=64, learning_rate=1e-3, min_lr=1e-4,
+        warmup_steps=100, lr_decay_steps=2000, weight_decay=0.1, beta1=0.9, beta2=0.99,
+        grad_clip=1.0, eval_interval=250, eval_batches=20, seed=1337, compile=compile, device="cpu",
+    )
+
+
+def nano_lr(it: int, cfg: TrainConfig) -> float:
+    """nanoGPT's get_lr."""
+    if it < cfg.warmup_steps:
+        return cfg.learning_rate * (it + 1) / (cfg.warmup_steps + 1)
+    if it > cfg.lr_decay_steps:
+        return cfg.min_lr
+    ratio = (it - cfg.warmup_steps) / (cfg.lr_decay_steps - cfg.warmup_steps)
+    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.learning_rate - cfg.min_lr)
+
+
+def reference(model_config: ModelConfig, cfg: TrainConfig, data: TokenData, iters: int) -> float:
+    """nanoGPT's train.py loop, eager, with our GPT; returns seconds per iteration, evals included."""
+    train_d, val_d = data.tokens("train"), data.tokens("val")
+    B, T = cfg.batch_size, cfg.block_size
+
+    def get_batch(split: str):
+        d = train_d if split == "train" else val_d
+        ix = torch.randint(len(d) - T, (B,))
+        x = torch.stack([torch.from_numpy(d[i : i + T].astype(np.int64)) for i in ix])
+        y = torch.stack([torch.from_numpy(d[i + 1 : i + 1 + T].astype(np.int64)) for i in ix])
+        return x, y
+
+    torch.manual_seed(cfg.seed)
+    model = GPT(model_config)
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    # nanoGPT asks for fused=True only on CUDA; on CPU it gets torch's default (for-loop) AdamW.
+    optimizer = torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2))
+
+    @torch.no_grad()
+    def estimate_loss() -> None:
+        model.eval()
+        for split in ("train", "val"):
+            losses = torch.zeros(cfg.eval_batches)
+            for k in range(cfg.eval_batches):
+                _, loss = model(*get_batch(split))
+                losses[k] = loss.item()
+        model.train()
+
+    t0 = time.perf_counter()
+    for it in range(iters):
+        lr = nano_lr(it, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        if it % cfg.eval_interval == 0:
+            estimate_loss()
+        _, loss = model(*get_batch("train"))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        loss.item()  # nanoGPT reads the loss for its log line every iteration
+    return (time.perf_counter() - t0) / iters
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--data", default=str(DEFAULT_DATA), help="any UTF-8 text file")
+    ap.add_argument("--iters", type=int, default=2000, help="training steps of the llmclock run")
+    ap.add_argument("--ref-iters", type=int, default=250, help="steps of the reference loop (one eval period)")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the model (TrainConfig.compile)")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    with tempfile.TemporaryDirectory(prefix="llmclock-bench-train-") as tmp:
+        tmp = Path(tmp)
+        text = Path(args.data).read_text(encoding="utf-8")
+        tok = Tokenizer.train_char([text])
+        prepare([args.data], tok, tmp / "data", val_fraction=0.1, test_fraction=0.0, shuffle_files=False)
+        data = TokenData(tmp / "data")
+        model_config = ModelConfig(
+            vocab_size=tok.vocab_size, block_size=64, n_layer=4, n_head=4, n_embd=128, dropout=0.0
+        )
+        cfg = recipe(args.iters, args.compile)
+        tokens_per_iter = cfg.batch_size * cfg.block_size
+        print(f"data {args.data}: {data.num_tokens('train'):,} train / {data.num_tokens('val'):,} val tokens, "
+              f"vocab {tok.vocab_size}; torch {torch.__version__}, {torch.get_num_threads()} threads")
+
+        ref_s = reference(model_config, cfg, data, args.ref_iters) if args.ref_iters else float("nan")
+        print(f"reference (eager nanoGPT loop, {args.ref_iters} iters): {1000 * ref_s:.2f} ms/iter, "
+              f"{tokens_per_iter / ref_s:,.0f} tokens/s")
+
+        step_times: list[float] = []
+        t0 = time.perf_counter()
+        res = train(model_config, cfg, data, tmp / "run", tokenizer=tok, progress=False,
+                    on_step=lambda step, loss: step_times.append(time.perf_counter()))
+        wall = time.perf_counter() - t0
+    steps = res.step
+    ms = 1000 * wall / steps
+    tps = tokens_per_iter * steps / wall
+    val = res.evals["val"]["loss"]
+    if len(step_times) > 2:
+        typical = (step_times[-1] - step_times[1]) / (len(step_times) - 2)
+        print(f"first step {step_times[0] - t0:.2f} s (build{' + compile' if args.compile else ''}), "
+              f"then {1000 * typical:.2f} ms/iter between steps (evals included)")
+    print(f"llmclock trainer ({steps} iters{', compiled' if args.compile else ''}): whole call {wall:.1f} s; "
+          f"loop only {res.ms_per_step:.2f} ms/iter")
+    print(f"  {ms:.2f} ms/iter, {tps:,.0f} tokens/s (whole call, evals + checkpoint included)")
+    print(f"  final train loss {res.last_loss:.4f}, val loss {val:.4f} (nanoGPT: {NANOGPT_VAL_LOSS})")
+    print(f"  vs in-run reference: {1000 * ref_s / ms:.2f}x; vs nanoGPT's {NANOGPT_TOKENS_PER_S:,.0f} tokens/s: "
+          f"{tps / NANOGPT_TOKENS_PER_S:.2f}x")
+    print(f"RESULT ms_per_iter={ms:.3f} tokens_per_s={tps:.1f} val_loss={val:.4f}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,246 @@
+"""CPU decode kernels: a panel-packed fp32 GEMV/small-GEMM and a bandwidth probe.
+
+Why (measured on the 2-core Cascade Lake box, fp32, 2 threads, weights streamed
+from DRAM, see /tmp/decode_research/REPORT.md):
+  * Decoding is a stream over all weights once per step; M (batch rows) is 1..8,
+    so the matmul must run at DRAM read speed.  For M=1 every torch path
+    (F.linear on (out, in), x @ W(in, out), mv) reads ~18-23 GB/s, this kernel
+    ~21 GB/s; for M=8 MKL drops to ~6-9 GB/s while this kernel keeps ~15-19.
+  * `pack_weight` stores W as panels of 32 output columns, each panel a
+    contiguous (in, 32) block: every thread streams one contiguous region, one
+    k-step is 128 contiguous bytes, and up to 8 rows share each weight load,
+    so M=8 costs about the same memory traffic as M=1.  Bias, GELU(tanh) and a
+    residual add are fused into the store.
+  * The kernel is plain C++ with GCC vector types (AVX-512 with -march=native),
+    OpenMP over panels (it shares torch's libgomp, so torch.set_num_threads
+    applies), built once with g++ (~1 s, vs ~50 s for a torch extension that
+    includes torch/extension.h) into the torch extensions cache and called
+    through ctypes (~2 us per call).  Without a compiler, or for non-fp32 /
+    non-CPU tensors, everything falls back to torch ops with the same results.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+
+import torch
+import torch.nn.functional as F
+
+PANEL = 32
+
+_SRC = r"""
+#include <stdint.h>
+#include <string.h>
+#include <math.h>
+typedef float v16 __attribute__((vector_size(64), aligned(4)));
+#define P 32
+#define PF 1024 /* software prefetch distance (floats): +10% M=1, +25% M=8 */
+
+/* y[0:MR, 0:nj] (=|+=) act(x[0:MR] @ panel + bias); panel is (K, 32) contiguous */
+static inline __attribute__((always_inline)) void panel_rows(
+    const int MR, const float* x, int64_t ldx, int64_t K, const float* wp,
+    const float* bias, float* y, int64_t ldy, int nj, int gelu, int acc) {
+  v16 a0[8], a1[8], c0[8], c1[8];
+  for (int m = 0; m < MR; ++m) a0[m] = a1[m] = c0[m] = c1[m] = (v16){0};
+  int64_t k = 0;
+  for (; k + 1 < K; k += 2) {  /* two k-steps in flight: 4 independent FMA chains/row */
+    __builtin_prefetch(wp + k * P + PF);      __builtin_prefetch(wp + k * P + PF + 16);
+    __builtin_prefetch(wp + k * P + PF + 32); __builtin_prefetch(wp + k * P + PF + 48);
+    const v16 w0 = *(const v16*)(wp + k * P), w1 = *(const v16*)(wp + k * P + 16);
+    const v16 w2 = *(const v16*)(wp + k * P + 32), w3 = *(const v16*)(wp + k * P + 48);
+    for (int m = 0; m < MR; ++m) {
+      const float u = x[m * ldx + k], v = x[m * ldx + k + 1];
+      a0[m] += u * w0; a1[m] += u * w1; c0[m] += v * w2; c1[m] += v * w3;
+    }
+  }
+  if (k < K) {
+    const v16 w0 = *(const v16*)(wp + k * P), w1 = *(const v16*)(wp + k * P + 16);
+    for (int m = 0; m < MR; ++m) { a0[m] += x[m * ldx + k] * w0; a1[m] += x[m * ldx + k] * w1; }
+  }
+  for (int m = 0; m < MR; ++m) {
+    float r[P];
+    const v16 s0 = a0[m] + c0[m], s1 = a1[m] + c1[m];
+    memcpy(r, &s0, 64); memcpy(r + 16, &s1, 64);
+    float* yr = y + m * ldy;
+    for (int j = 0; j < nj; ++j) {
+      float t = r[j] + (bias ? bias[j] : 0.f);
+      if (gelu) t = 0.5f * t * (1.f + tanhf(0.7978845608028654f * (t + 0.044715f * t * t * t)));
+      yr[j] = acc ? yr[j] + t : t;
+    }
+  }
+}
+
+extern "C" void linear_panels(const float* x, int64_t M, int64_t ldx, int64_t K,
+                              const float* wp, int64_t N, const float* bias, float* y,
+                              int64_t ldy, int gelu, int acc, int nthreads) {
+  const int64_t np = (N + P - 1) / P;
+  #pragma omp parallel for schedule(static) num_threads(nthreads)
+  for (int64_t p = 0; p < np; ++p) {
+    const float* w = wp + p * K * P;
+    const int nj = (int)(N - p * P < P ? N - p * P : P);
+    const float* b = bias ? bias + p * P : 0;
+    for (int64_t m0 = 0; m0 < M; m0 += 8) {
+      const float* xr = x + m0 * ldx; float* yr = y + m0 * ldy + p * P;
+      switch (M - m0 < 8 ? M - m0 : 8) {
+#define R(n) case n: panel_rows(n, xr, ldx, K, w, b, yr, ldy, nj, gelu, acc); break;
+        R(1) R(2) R(3) R(4) R(5) R(6) R(7) default: R(8)
+      }
+    }
+  }
+}
+
+extern "C" double stream_sum(const float* p, int64_t n, int nthreads) {
+  double s = 0;
+  #pragma omp parallel for reduction(+:s) schedule(static) num_threads(nthreads)
+  for (int64_t c = 0; c < n / 4096; ++c) {
+    v16 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
+    const float* q = p + c * 4096;
+    for (int i = 0; i < 4096; i += 64) {
+      a0 += *(const v16*)(q + i); a1 += *(const v16*)(q + i + 16);
+      a2 += *(const v16*)(q + i + 32); a3 += *(const v16*)(q + i + 48);
+    }
+    const v16 a = a0 + a1 + a2 + a3;
+    for (int i = 0; i < 16; ++i) s += a[i];
+  }
+  return s;
+}
+"""
+
+_FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
+_lib = None  # ctypes.CDLL, False when the build failed
+
+
+def _cpu_id() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return "".join(sorted({ln for ln in f if ln.startswith(("model name", "flags"))}))
+    except OSError:
+        return os.uname().machine
+
+
+def _build():
+    """Compile _SRC once into the torch extensions cache; returns a CDLL or None."""
+    cxx = os.environ.get("CXX", "g++")
+    if shutil.which(cxx) is None:
+        return None
+    # -march=native: the build is only valid on this CPU model, so its flags are part of the key.
+    tag = hashlib.sha1((_SRC + " ".join(_FLAGS) + cxx + _cpu_id()).encode()).hexdigest()[:16]
+    from torch.utils.cpp_extension import get_default_build_root
+
+    root = os.environ.get("TORCH_EXTENSIONS_DIR", get_default_build_root())
+    d = os.path.join(root, "llmclock_kernels")
+    so = os.path.join(d, f"llmclock_kernels_{tag}.so")
+    try:
+        if not os.path.exists(so):
+            os.makedirs(d, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=d) as tmp:
+                src = os.path.join(tmp, "k.cpp")
+                with open(src, "w") as f:
+                    f.write(_SRC)
+                out = os.path.join(tmp, "k.so")
+                subprocess.run([cxx, *_FLAGS, src, "-o", out], check=True, capture_output=True, timeout=120)
+                os.replace(out, so)  # atomic: concurrent builders are safe
+        lib = ctypes.CDLL(so)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    i64, ptr, c_int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
+    lib.linear_panels.argtypes = [ptr, i64, i64, i64, ptr, i64, ptr, ptr, i64, c_int, c_int, c_int]
+    lib.linear_panels.restype = None
+    lib.stream_sum.argtypes = [ptr, i64, c_int]
+    lib.stream_sum.restype = ctypes.c_double
+    return lib
+
+
+def get_lib():
+    """The compiled kernel library (built on first call), or None if unavailable."""
+    global _lib
+    if _lib is None:
+        _lib = (None if os.environ.get("LLMCLOCK_NO_CKERNELS") else _build()) or False
+    return _lib or None
+
+
+def measure_bandwidth(nbytes: int = 1 << 30, repeats: int = 5) -> float:
+    """Machine read bandwidth in bytes/s: best of `repeats` full reads of an
+    `nbytes` fp32 buffer (>> L3 so it streams from DRAM), using torch's thread
+    count.  Uses the compiled AVX-512 streaming sum when available, else
+    torch.sum (same speed within noise here)."""
+    x = torch.ones(max(nbytes // 4 // 4096, 1) * 4096)
+    lib = get_lib()
+    if lib is not None:
+        nt = torch.get_num_threads()
+        fn = lambda: lib.stream_sum(x.data_ptr(), x.numel(), nt)  # noqa: E731
+    else:
+        fn = x.sum
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return x.numel() * 4 / best
+
+
+class PackedWeight:
+    """A (out, in) nn.Linear weight re-laid as `panels` of shape
+    (ceil(out/32), in, 32), zero-padded; keeps the original for fallbacks."""
+
+    def __init__(self, weight: torch.Tensor, *, pack: bool = True):
+        w = weight.detach()
+        self.out_features, self.in_features = w.shape
+        self.weight = w
+        self.panels = None
+        if pack and w.device.type == "cpu" and w.dtype == torch.float32:
+            n, k = w.shape
+            np_ = (n + PANEL - 1) // PANEL
+            wt = torch.zeros(np_ * PANEL, k, dtype=w.dtype)
+            wt[:n] = w
+            self.panels = wt.view(np_, PANEL, k).transpose(1, 2).contiguous()
+
+
+def pack_weight(weight_out_in: torch.Tensor) -> PackedWeight:
+    """Pack an nn.Linear-layout (out, in) weight once, at load time."""
+    return PackedWeight(weight_out_in)
+
+
+def _torch_linear(x, pw, bias, gelu, out, accumulate):
+    y = F.linear(x, pw.weight, bias)
+    if gelu:
+        y = F.gelu(y, approximate="tanh")
+    if out is None:
+        return y
+    return out.add_(y) if accumulate else out.copy_(y)
+
+
+def decode_linear(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = None, *,
+                  gelu: bool = False, out: torch.Tensor | None = None,
+                  accumulate: bool = False) -> torch.Tensor:
+    """y = [gelu_tanh](x @ W.T + bias), written to `out` (or a new tensor); with
+    accumulate=True, out += that (fused residual add).  x is (..., in).  Uses
+    the compiled kernel for fp32 CPU tensors, torch otherwise."""
+    lib = get_lib()
+    n, k = pw.out_features, pw.in_features
+    lead = x.shape[:-1]
+    ok = (lib is not None and pw.panels is not None and x.dtype == torch.float32
+          and x.device.type == "cpu" and x.shape[-1] == k and not x.requires_grad
+          and (bias is None or (bias.dtype == torch.float32 and bias.device.type == "cpu"
+                                and bias.is_contiguous() and bias.numel() == n))
+          and (out is None or (out.dtype == torch.float32 and out.is_contiguous()
+                               and out.shape == (*lead, n)
+                               and out.untyped_storage().data_ptr() != x.untyped_storage().data_ptr())))
+    if not ok:
+        return _torch_linear(x, pw, bias, gelu, out, accumulate)
+    x2 = x.reshape(-1, k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    if accumulate and out is None:
+        raise ValueError("accumulate=True needs out")
+    y = torch.empty(*lead, n) if out is None else out
+    lib.linear_panels(x2.data_ptr(), x2.shape[0], x2.stride(0), k, pw.panels.data_ptr(), n,
+                      bias.data_ptr() if bias is not None else None, y.data_ptr(), n,
+                      int(gelu), int(accumulate), torch.get_num_threads())
+    return y

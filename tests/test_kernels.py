@@ -1,0 +1,69 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from llmclock.engine import kernels as K
+
+SHAPES = [(96, 1000), (768, 2304), (33, 7), (3072, 768), (5, 64)]
+
+
+def _ref(x, w, b, gelu=False):
+    y = F.linear(x, w, b)
+    return F.gelu(y, approximate="tanh") if gelu else y
+
+
+@pytest.fixture(params=[False, True], ids=["kernel", "fallback"])
+def mode(request, monkeypatch):
+    if request.param:
+        monkeypatch.setattr(K, "_lib", False)  # what a failed build leaves behind
+    else:
+        monkeypatch.setattr(K, "_lib", None)
+        if K.get_lib() is None:
+            pytest.skip("no C++ compiler")
+    return request.param
+
+
+@pytest.mark.parametrize("k,n", SHAPES)
+@pytest.mark.parametrize("m", [1, 3, 8, 13, 64])
+@pytest.mark.parametrize("bias", [True, False])
+def test_matches_linear(mode, k, n, m, bias):
+    torch.manual_seed(k * n + m)
+    w, x = torch.randn(n, k) / k**0.5, torch.randn(m, k)  # unit-scale outputs
+    b = torch.randn(n) if bias else None
+    torch.testing.assert_close(K.decode_linear(x, K.pack_weight(w), b), _ref(x, w, b), atol=1e-4, rtol=1e-4)
+
+
+def test_fused_gelu_residual_and_batch_dims(mode):
+    w, b, x = torch.randn(100, 96), torch.randn(100), torch.randn(2, 4, 96)
+    pw = K.pack_weight(w)
+    torch.testing.assert_close(K.decode_linear(x, pw, b, gelu=True), _ref(x, w, b, True), atol=1e-4, rtol=1e-4)
+    h = torch.randn(2, 4, 100)
+    expect = h + _ref(x, w, b)
+    assert K.decode_linear(x, pw, b, out=h, accumulate=True) is h
+    torch.testing.assert_close(h, expect, atol=1e-4, rtol=1e-4)
+
+
+def test_noncontiguous_input(mode):
+    w, b = torch.randn(50, 40), torch.randn(50)
+    x = torch.randn(40, 8).t()  # (8, 40), stride (1, 8)
+    torch.testing.assert_close(K.decode_linear(x, K.pack_weight(w), b), _ref(x, w, b), atol=1e-4, rtol=1e-4)
+
+
+def test_bf16_falls_back_to_torch():
+    w, b, x = (t.to(torch.bfloat16) for t in (torch.randn(24, 16), torch.randn(24), torch.randn(3, 16)))
+    pw = K.pack_weight(w)
+    assert pw.panels is None
+    torch.testing.assert_close(K.decode_linear(x, pw, b), F.linear(x, w, b))
+
+
+def test_build_failure_falls_back(monkeypatch):
+    monkeypatch.setattr(K, "_lib", None)
+    monkeypatch.setenv("CXX", "definitely-not-a-compiler")
+    monkeypatch.setattr(K, "_build", K._build)  # real builder, missing compiler
+    assert K.get_lib() is None
+    w, x = torch.randn(10, 6), torch.randn(2, 6)
+    torch.testing.assert_close(K.decode_linear(x, K.pack_weight(w)), F.linear(x, w))
+
+
+def test_measure_bandwidth_positive():
+    assert K.measure_bandwidth(nbytes=1 << 22, repeats=2) > 1e8
