@@ -1,5 +1,6 @@
 """The trace: records equal the engine's output, exports are well formed, replay is exact, diffs are found."""
 
+import itertools
 import json
 import os
 import subprocess
@@ -136,10 +137,10 @@ def test_exports_are_well_formed(tiny_model, char_tok, tmp_path):
     assert len(cyc) == len(records) and len(stages) == len(records) * len(STAGES)
     for tid in names:
         mine = sorted((e for e in cyc if e["tid"] == tid), key=lambda e: e["ts"])
-        for a, b in zip(mine, mine[1:]):
+        for a, b in itertools.pairwise(mine):
             assert a["ts"] + a["dur"] <= b["ts"]  # cycle slices on a track never overlap
         kids = sorted((e for e in stages if e["tid"] == tid), key=lambda e: e["ts"])
-        for a, b in zip(kids, kids[1:]):
+        for a, b in itertools.pairwise(kids):
             assert a["ts"] + a["dur"] <= b["ts"]
         for k in kids:  # every stage lies inside exactly one cycle slice of its own track
             assert sum(c["ts"] <= k["ts"] and k["ts"] + k["dur"] <= c["ts"] + c["dur"] for c in mine) == 1

@@ -76,7 +76,7 @@ class Record:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Record":
+    def from_dict(cls, d: dict) -> Record:
         d = dict(d)
         d["top"] = [tuple(x) for x in d["top"]]
         d["stages"] = {k: tuple(v) for k, v in d["stages"].items()}
@@ -125,7 +125,7 @@ class Tracer:
         self._pieces: dict[int, str] = {}
         self._prev = None
 
-    def __enter__(self) -> "Tracer":
+    def __enter__(self) -> Tracer:
         self._prev, self.engine.probe = self.engine.probe, self
         return self
 
@@ -267,8 +267,7 @@ class Tracer:
         paths = {"jsonl": out / JSONL, "perfetto": out / PERFETTO, "plot": out / PLOT}
         with open(paths["jsonl"], "w") as f:
             f.write(json.dumps(header) + "\n")
-            for r in self.records:
-                f.write(json.dumps(r.to_dict(), ensure_ascii=False) + "\n")
+            f.writelines(json.dumps(r.to_dict(), ensure_ascii=False) + "\n" for r in self.records)
         paths["perfetto"].write_text(json.dumps(to_perfetto(header, self.records)))
         plot_waveform(self.records, paths["plot"], title=header.get("ckpt") or "")
         return paths

@@ -60,7 +60,7 @@ def cycles(records) -> list[Cycle]:
 
 
 def _us(seconds: float) -> int:
-    return int(round(seconds * 1e6))
+    return round(seconds * 1e6)
 
 
 def to_perfetto(header: dict, records) -> dict:
@@ -174,9 +174,9 @@ def summary(records, slowest: int = 3) -> str:
         for g, d in c.groups().items():
             share[g] += d
     lines = [
-        f"trace: {len(cs)} cycles ({n_pre} prefill, {len(cs) - n_pre} tick), {len(records)} tokens in "
-        f"{busy:.3f} s of engine time = {len(records) / busy if busy else 0:.1f} tokens/s; "
-        f"tracer overhead {probe:.3f} s",
+        (f"trace: {len(cs)} cycles ({n_pre} prefill, {len(cs) - n_pre} tick), {len(records)} tokens in "
+         f"{busy:.3f} s of engine time = {len(records) / busy if busy else 0:.1f} tokens/s; "
+         f"tracer overhead {probe:.3f} s"),
         "time share: " + "  ".join(f"{g} {100 * d / busy if busy else 0:.1f}%" for g, d in share.items()),
         "slowest cycles: " + ", ".join(
             f"#{c.cycle} {c.kind} {c.dur * 1e3:.2f} ms" for c in sorted(cs, key=lambda c: -c.dur)[:slowest]

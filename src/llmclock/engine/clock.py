@@ -10,7 +10,6 @@ prefill them, else tick the running ones), samples, and yields one Event per seq
 from __future__ import annotations
 
 import enum
-import functools
 import itertools
 from collections import deque
 from dataclasses import dataclass, field
@@ -21,7 +20,7 @@ import torch.nn.functional as F
 
 from ..errors import LLMClockError
 from .detok import Detokenizer, StopMatcher
-from .kernels import PackedWeight, decode_linear, pack_weight
+from .kernels import make_attend, make_linear
 from .kv_cache import KVCache
 from .sampler import SamplingParams, apply_penalties, draw, filter_logits
 
@@ -93,59 +92,61 @@ class Probe:
     def end(self, events: list[Event], logits: torch.Tensor, logprobs: torch.Tensor) -> None: ...
 
 
-class DecodeLinear(dict):
-    """nn.Linear -> the function a tick calls for it: f(x, *, gelu=False, out=None, accumulate=False).
+class DecodePlan:
+    """The model's weights laid out for `tick`: plain tuples, packed linears, no module lookups.
 
-    By default each weight is packed once into the panel layout of kernels.py, whose compiled
-    GEMV streams it at memory speed with bias, GELU and the residual add fused; `packed=False`
-    keeps plain torch ops (what torch.compile traces). The packed copies are taken at engine
-    construction: an engine serves frozen weights.
+    Each nn.Linear becomes a function f(x, *, gelu=False, out=None, accumulate=False): by default
+    its weight is packed once into the panel layout of kernels.py, whose compiled GEMV streams it
+    at memory speed with bias, GELU and the residual add fused; `packed=False` keeps plain torch
+    ops (what torch.compile traces). A tick on a 12-layer model makes ~200 calls, so resolving
+    `block.attn.c_attn` (~2 us per nn.Module attribute here) once at construction matters. The
+    packed copies are taken now: an engine serves frozen weights.
     """
 
-    @classmethod
-    def for_model(cls, model, *, packed: bool = True) -> "DecodeLinear":
-        table = cls()
-        for m in model.modules():
-            if isinstance(m, torch.nn.Linear):
-                pw = pack_weight(m.weight) if packed else PackedWeight(m.weight, pack=False)
-                table[m] = functools.partial(decode_linear, pw=pw, bias=m.bias)
-        return table
+    def __init__(self, model, *, packed: bool = True):
+        tr, cfg = model.transformer, model.config
+        lin = {m: make_linear(m.weight, m.bias, packed=packed) for m in model.modules() if isinstance(m, torch.nn.Linear)}
+        self.n_head, self.shape = cfg.n_head, (cfg.n_embd,)
+        self.wte, self.wpe = tr.wte.weight, tr.wpe.weight
+        self.layers = [
+            (b.ln_1.weight, b.ln_1.bias, b.ln_1.eps, lin[b.attn.c_attn], lin[b.attn.c_proj],
+             b.ln_2.weight, b.ln_2.bias, b.ln_2.eps, lin[b.mlp.c_fc], lin[b.mlp.c_proj])
+            for b in tr.h
+        ]
+        self.ln_f = (tr.ln_f.weight, tr.ln_f.bias, tr.ln_f.eps)
+        self.head = lin[model.lm_head]
 
 
-def _attend(q, k_all, v_all, mask):
-    return F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask)  # (n, nh, 1, hs)
-
-
-def tick(model, lin: dict, cache: KVCache, tokens, pos, L: int, mask, probe: Probe | None = None):
+def tick(plan: DecodePlan, cache: KVCache, tokens, pos, L: int, mask, probe: Probe | None = None, attend=None):
     """One decode cycle for slots 0..n-1: tokens (n,), positions (n,) -> next-token logits (n, V).
 
-    Writes each slot's key/value at its own position, then attends over the first L positions
-    (mask: (n, 1, 1, L) or None when every row may see all L).
+    Writes each slot's key/value at its own position, then attends over its history: with the
+    compiled `attend` (kernels.make_attend) each row over exactly its own positions; otherwise
+    by index writes and SDPA over the first L positions (mask: (n, 1, 1, L), or None when every
+    row may see all L).
     """
-    tr = model.transformer
-    n = tokens.size(0)
-    nh = model.config.n_head
-    x = tr.wte(tokens) + tr.wpe(pos)  # (n, C)
-    C = x.size(-1)
+    n, nh, shape = tokens.size(0), plan.n_head, plan.shape
+    C = shape[0]
+    x = F.embedding(tokens, plan.wte) + F.embedding(pos, plan.wpe)  # (n, C)
     rows = torch.arange(n, device=x.device)
     if probe is not None:
         probe.mark("embed")
-    for i, block in enumerate(tr.h):
-        a = F.layer_norm(x, (C,), block.ln_1.weight, block.ln_1.bias, block.ln_1.eps)
-        q, k, v = lin[block.attn.c_attn](a).view(n, 3, nh, C // nh).unbind(1)  # 3 x (n, nh, hs)
+    for i, (w1, b1, e1, attn, proj, w2, b2, e2, fc, mproj) in enumerate(plan.layers):
+        qkv = attn(F.layer_norm(x, shape, w1, b1, e1))  # (n, 3C)
         kc, vc = cache.k[i], cache.v[i]
-        kc[rows, :, pos] = k
-        vc[rows, :, pos] = v
-        y = _attend(q.unsqueeze(2), kc[:n, :, :L], vc[:n, :, :L], mask)  # (n, nh, 1, hs)
-        lin[block.attn.c_proj](y.view(n, C), out=x, accumulate=True)  # x += proj(y), fused
-        a = F.layer_norm(x, (C,), block.ln_2.weight, block.ln_2.bias, block.ln_2.eps)
-        h = lin[block.mlp.c_fc](a, gelu=True)  # (n, 4C)
-        lin[block.mlp.c_proj](h, out=x, accumulate=True)
+        if attend is not None:
+            y = attend(qkv, kc, vc, pos)  # (n, C)
+        else:
+            q, k, v = qkv.view(n, 3, nh, C // nh).unbind(1)  # 3 x (n, nh, hs)
+            kc[rows, :, pos] = k
+            vc[rows, :, pos] = v
+            y = F.scaled_dot_product_attention(q.unsqueeze(2), kc[:n, :, :L], vc[:n, :, :L], attn_mask=mask)  # (n, nh, 1, hs)
+        proj(y.view(n, C), out=x, accumulate=True)  # x += c_proj(y), fused
+        mproj(fc(F.layer_norm(x, shape, w2, b2, e2), gelu=True), out=x, accumulate=True)  # x += mlp(ln_2(x))
         if probe is not None:
             probe.residual(i, x)
             probe.mark(f"block{i}")
-    x = F.layer_norm(x, (C,), tr.ln_f.weight, tr.ln_f.bias, tr.ln_f.eps)
-    logits = lin[model.lm_head](x)  # (n, V)
+    logits = plan.head(F.layer_norm(x, shape, *plan.ln_f))  # (n, V)
     if probe is not None:
         probe.mark("head")
     return logits
@@ -187,7 +188,8 @@ class Engine:
         self.cache = KVCache(
             cfg.n_layer, slots, cfg.n_head, self.max_len, cfg.head_size, dtype=p.dtype, device=p.device
         )
-        self.lin = DecodeLinear.for_model(model, packed=not compile)
+        self.plan = DecodePlan(model, packed=not compile)
+        self.attend = None if compile else make_attend(self.cache.k[0])
         self.compiled = compile
         self._tick = torch.compile(tick, dynamic=False) if compile else tick
         self.free = list(range(slots))
@@ -279,9 +281,10 @@ class Engine:
             L, n_rows = max(pos) + 1, n
         pos_t = torch.tensor(pos, device=self.device)
         mask = None
-        if n_rows > 1 or self.compiled:
+        if self.attend is None and (n_rows > 1 or self.compiled):
             mask = (torch.arange(L, device=self.device)[None, :] <= pos_t[:, None]).view(n_rows, 1, 1, L)
-        logits = self._tick(self.model, self.lin, self.cache, torch.tensor(tokens, device=self.device), pos_t, L, mask, probe)
+        logits = self._tick(self.plan, self.cache, torch.tensor(tokens, device=self.device), pos_t, L, mask, probe,
+                            self.attend)
         for slot, s in self.running.items():
             self.cache.lengths[slot] = s.position + 1
         seqs = [self.running[slot] for slot in sorted(self.running)]
