@@ -22,14 +22,25 @@ The last line is machine-readable:
 from __future__ import annotations
 
 import argparse
+import json
 import math
+import os
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
+REFERENCE_ONLY = "--reference-only" in sys.argv
+if not REFERENCE_ONLY:
+    # llmclock's trainer runs with OpenMP threads that spin between ops instead of sleeping (what
+    # `llmclock train` sets; see README). It must be in the environment before torch loads.
+    from llmclock.threads import prefer_spinning_threads
+
+    prefer_spinning_threads()
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
 from llmclock.config import ModelConfig, TrainConfig
 from llmclock.data import TokenData, prepare
@@ -60,6 +71,24 @@ def nano_lr(it: int, cfg: TrainConfig) -> float:
         return cfg.min_lr
     ratio = (it - cfg.warmup_steps) / (cfg.lr_decay_steps - cfg.warmup_steps)
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.learning_rate - cfg.min_lr)
+
+
+def nano_model(vocab_size: int) -> ModelConfig:
+    """nanoGPT's model for this recipe: no biases (its train.py default) and exact GELU (nn.GELU)."""
+    return ModelConfig(vocab_size=vocab_size, block_size=64, n_layer=4, n_head=4, n_embd=128, dropout=0.0,
+                       bias=False, activation="gelu")
+
+
+def run_reference(data_dir: Path, args) -> float:
+    """The reference in its own process, with the environment a user of nanoGPT would have."""
+    env = dict(os.environ)
+    if os.environ.get("LLMCLOCK_SET_OMP_WAIT_POLICY"):  # ours, not the user's: give the child the default
+        env.pop("OMP_WAIT_POLICY", None)
+    cmd = [sys.executable, __file__, "--reference-only", "--data-dir", str(data_dir), "--ref-iters", str(args.ref_iters)]
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
+    out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])["s_per_iter"]
 
 
 def reference(model_config: ModelConfig, cfg: TrainConfig, data: TokenData, iters: int) -> float:
@@ -117,9 +146,15 @@ def main() -> None:
     ap.add_argument("--ref-iters", type=int, default=250, help="steps of the reference loop (one eval period)")
     ap.add_argument("--compile", action="store_true", help="torch.compile the model (TrainConfig.compile)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    ap.add_argument("--reference-only", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--data-dir", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.reference_only:  # the child process: nanoGPT's loop, as a user would run it
+        data = TokenData(args.data_dir)
+        print(json.dumps({"s_per_iter": reference(nano_model(data.vocab_size), recipe(2000, False), data, args.ref_iters)}))
+        return
 
     with tempfile.TemporaryDirectory(prefix="llmclock-bench-train-") as tmp:
         tmp = Path(tmp)
@@ -127,15 +162,13 @@ def main() -> None:
         tok = Tokenizer.train_char([text])
         prepare([args.data], tok, tmp / "data", val_fraction=0.1, test_fraction=0.0, shuffle_files=False)
         data = TokenData(tmp / "data")
-        model_config = ModelConfig(
-            vocab_size=tok.vocab_size, block_size=64, n_layer=4, n_head=4, n_embd=128, dropout=0.0
-        )
+        model_config = nano_model(tok.vocab_size)
         cfg = recipe(args.iters, args.compile)
         tokens_per_iter = cfg.batch_size * cfg.block_size
         print(f"data {args.data}: {data.num_tokens('train'):,} train / {data.num_tokens('val'):,} val tokens, "
               f"vocab {tok.vocab_size}; torch {torch.__version__}, {torch.get_num_threads()} threads")
 
-        ref_s = reference(model_config, cfg, data, args.ref_iters) if args.ref_iters else float("nan")
+        ref_s = run_reference(tmp / "data", args) if args.ref_iters else float("nan")
         print(f"reference (eager nanoGPT loop, {args.ref_iters} iters): {1000 * ref_s:.2f} ms/iter, "
               f"{tokens_per_iter / ref_s:,.0f} tokens/s")
 

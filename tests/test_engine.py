@@ -203,3 +203,13 @@ def test_compiled_tick_and_bf16_match_eager(tiny_model, char_tok):
     bf16.load_state_dict(tiny_model.state_dict())
     out = Engine(bf16.to(torch.bfloat16), char_tok, slots=2).complete(PROMPTS[:2], p)
     assert all(len(c.token_ids) == 12 for c in out)  # runs end to end in bf16 (tokens may differ slightly)
+
+
+def test_exact_gelu_and_no_bias_variant_decodes_like_full_forward(char_tok):
+    """nanoGPT's variant (exact GELU, no biases): the decode plan's unfused path matches too."""
+    torch.manual_seed(5)
+    model = GPT(preset("test", vocab_size=char_tok.vocab_size, activation="gelu", bias=False)).eval()
+    c = Engine(model, char_tok, slots=2).complete(PROMPTS[:2], SamplingParams(max_new_tokens=15, temperature=0,
+                                                                               ignore_eos=True))
+    for prompt, comp in zip(PROMPTS, c):
+        assert comp.token_ids == _full_forward_greedy(model, char_tok.encode(prompt), 15)

@@ -57,7 +57,10 @@ def _describe_manifest(m: dict, out) -> str:
 def _model_config(a, vocab_size: int):
     from .config import preset
 
-    overrides = {k: getattr(a, k) for k in ("n_layer", "n_head", "n_embd", "dropout") if getattr(a, k) is not None}
+    overrides = {k: getattr(a, k) for k in ("n_layer", "n_head", "n_embd", "dropout", "activation")
+                 if getattr(a, k) is not None}
+    if a.no_bias:
+        overrides["bias"] = False
     return preset(a.preset, vocab_size=vocab_size, block_size=a.context or a.block_size, **overrides)
 
 
@@ -236,6 +239,8 @@ def _add_model_args(p) -> None:
     g.add_argument("--n-embd", type=int)
     g.add_argument("--dropout", type=float)
     g.add_argument("--context", type=int, help="model context length (default: --block-size)")
+    g.add_argument("--activation", choices=["gelu_tanh", "gelu"], help="MLP GELU: GPT-2's tanh form (default) or exact")
+    g.add_argument("--no-bias", action="store_true", help="no biases in Linear/LayerNorm (nanoGPT's default)")
 
 
 def _add_train_args(p) -> None:
@@ -381,8 +386,15 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+SPINNING_COMMANDS = ("train", "demo")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command in SPINNING_COMMANDS:
+        from .threads import prefer_spinning_threads
+
+        prefer_spinning_threads()
     try:
         args.fn(args)
     except LLMClockError as e:

@@ -10,6 +10,9 @@ from pathlib import Path
 from .errors import LLMClockError
 
 
+ACTIVATIONS = ("gelu_tanh", "gelu")
+
+
 @dataclass
 class ModelConfig:
     """The shape of a GPT-2-architecture model."""
@@ -30,6 +33,8 @@ class ModelConfig:
     """Biases in Linear and LayerNorm layers (GPT-2 has them)."""
     layer_norm_epsilon: float = 1e-5
     """LayerNorm epsilon (GPT-2: 1e-5)."""
+    activation: str = "gelu_tanh"
+    """MLP non-linearity: 'gelu_tanh' (GPT-2's tanh approximation) or 'gelu' (exact erf, as nanoGPT)."""
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
@@ -40,6 +45,8 @@ class ModelConfig:
             raise LLMClockError(
                 f"model config: n_embd={self.n_embd} is not divisible by n_head={self.n_head}"
             )
+        if self.activation not in ACTIVATIONS:
+            raise LLMClockError(f"model config: activation must be one of {ACTIVATIONS}, got {self.activation!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise LLMClockError(f"model config: dropout must be in [0, 1), got {self.dropout}")
 

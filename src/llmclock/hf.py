@@ -35,7 +35,9 @@ HF_CONFIG = "config.json"
 SAFETENSORS, SAFETENSORS_INDEX = "model.safetensors", "model.safetensors.index.json"
 PICKLE, PICKLE_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh")  # both are GELU's tanh approximation, as in model.py
+# HF activation_function -> ModelConfig.activation ("gelu_new" and "gelu_pytorch_tanh" are both
+# GELU's tanh approximation, GPT-2's; "gelu" is the exact erf form).
+ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}
 # GPT2Config's defaults: transformers reads a config.json that omits a field this way.
 HF_DEFAULTS = dict(
     vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12, n_head=12, layer_norm_epsilon=1e-5
@@ -54,7 +56,7 @@ def config_from_hf(d: dict, source: Path) -> ModelConfig:
     g = HF_DEFAULTS | d
     act = g.get("activation_function", "gelu_new")
     if act not in ACTIVATIONS:
-        raise LLMClockError(f"{source}: activation_function {act!r} is not supported (need one of {ACTIVATIONS})")
+        raise LLMClockError(f"{source}: activation_function {act!r} is not supported (need one of {tuple(ACTIVATIONS)})")
     n_inner = g.get("n_inner")
     if n_inner is not None and n_inner != 4 * g["n_embd"]:
         raise LLMClockError(f"{source}: n_inner={n_inner} is not 4 * n_embd; llmclock's MLP is 4x wide")
@@ -73,6 +75,7 @@ def config_from_hf(d: dict, source: Path) -> ModelConfig:
             n_head=g["n_head"],
             n_embd=g["n_embd"],
             layer_norm_epsilon=float(g["layer_norm_epsilon"]),
+            activation=ACTIVATIONS[act],
             bias=True,
         )
     except LLMClockError as e:
@@ -186,7 +189,7 @@ def hf_config(config: ModelConfig, eot_id: int | None) -> dict:
         "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
         "vocab_size": config.vocab_size, "n_positions": config.block_size, "n_embd": config.n_embd,
         "n_layer": config.n_layer, "n_head": config.n_head, "n_inner": None,
-        "activation_function": "gelu_new", "layer_norm_epsilon": config.layer_norm_epsilon,
+        "activation_function": "gelu_new" if config.activation == "gelu_tanh" else "gelu", "layer_norm_epsilon": config.layer_norm_epsilon,
         "resid_pdrop": config.dropout, "embd_pdrop": config.dropout, "attn_pdrop": config.dropout,
         "initializer_range": 0.02, "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False,
         "reorder_and_upcast_attn": False, "use_cache": True, "bos_token_id": eot_id, "eos_token_id": eot_id,
