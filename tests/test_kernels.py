@@ -67,3 +67,37 @@ def test_build_failure_falls_back(monkeypatch):
 
 def test_measure_bandwidth_positive():
     assert K.measure_bandwidth(nbytes=1 << 22, repeats=2) > 1e8
+
+
+def test_make_linear_fused_gelu_and_residual():
+    w, b, x = torch.randn(70, 33), torch.randn(70), torch.randn(3, 33)
+    f = K.make_linear(w, b)
+    torch.testing.assert_close(f(x), _ref(x, w, b), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(f(x, gelu=True), F.gelu(_ref(x, w, b), approximate="tanh"), atol=1e-4, rtol=1e-4)
+    h = torch.randn(3, 70)
+    expect = h + _ref(x, w, b)
+    f(x, out=h, accumulate=True)
+    torch.testing.assert_close(h, expect, atol=1e-4, rtol=1e-4)
+
+
+def test_decode_attention_matches_sdpa_with_rows_at_different_positions():
+    if K.get_lib() is None:
+        pytest.skip("no compiled kernels here")
+    torch.manual_seed(0)
+    slots, nh, max_len, hs = 3, 3, 40, 16
+    C = nh * hs
+    kc, vc = torch.randn(slots, nh, max_len, hs), torch.randn(slots, nh, max_len, hs)
+    pos = torch.tensor([0, 17, 39])
+    qkv = torch.randn(slots, 3 * C)
+    ref_k, ref_v = kc.clone(), vc.clone()
+    q, k, v = qkv.view(slots, 3, nh, hs).unbind(1)
+    expect = []
+    for b in range(slots):
+        ref_k[b, :, pos[b]], ref_v[b, :, pos[b]] = k[b], v[b]
+        L = int(pos[b]) + 1
+        expect.append(F.scaled_dot_product_attention(q[b, :, None], ref_k[b, :, :L], ref_v[b, :, :L]).reshape(C))
+    y = K.make_attend(kc)(qkv, kc, vc, pos)
+    torch.testing.assert_close(y, torch.stack(expect), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(kc, ref_k)  # each row's key/value written at its own position
+    torch.testing.assert_close(vc, ref_v)
+    assert K.make_attend(kc.to(torch.bfloat16)) is None  # other dtypes use index writes + SDPA
