@@ -3,8 +3,9 @@
 A training step on a small model is hundreds of short OpenMP-parallel ops. With libgomp's default
 policy the worker threads go to sleep between ops and are woken for the next one; on a 2-core
 machine that wake-up dominates short ops. Spinning threads (OMP_WAIT_POLICY=ACTIVE) measured a
-step of the nanoGPT CPU recipe at 46 ms instead of 63 ms here. It burns the cores while waiting,
-so it is only right for a dedicated job: `llmclock train` and `llmclock demo` ask for it unless
+step of the nanoGPT CPU recipe at 46 ms instead of 63 ms here. It burns the cores while waiting —
+also while the process itself waits on something else, once its threads have started — so it is
+only right for a dedicated job: `llmclock train` and `llmclock demo` ask for it unless
 the user already chose a policy; on a shared machine set OMP_WAIT_POLICY=PASSIVE.
 """
 
