@@ -30,30 +30,30 @@ def test_matches_linear(mode, k, n, m, bias):
     torch.manual_seed(k * n + m)
     w, x = torch.randn(n, k) / k**0.5, torch.randn(m, k)  # unit-scale outputs
     b = torch.randn(n) if bias else None
-    torch.testing.assert_close(K.decode_linear(x, K.pack_weight(w), b), _ref(x, w, b), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(K.make_linear(w, b)(x), _ref(x, w, b), atol=1e-4, rtol=1e-4)
 
 
 def test_fused_gelu_residual_and_batch_dims(mode):
     w, b, x = torch.randn(100, 96), torch.randn(100), torch.randn(2, 4, 96)
-    pw = K.pack_weight(w)
-    torch.testing.assert_close(K.decode_linear(x, pw, b, gelu=True), _ref(x, w, b, True), atol=1e-4, rtol=1e-4)
+    f = K.make_linear(w, b)
+    torch.testing.assert_close(f(x, gelu=True), _ref(x, w, b, True), atol=1e-4, rtol=1e-4)
     h = torch.randn(2, 4, 100)
     expect = h + _ref(x, w, b)
-    assert K.decode_linear(x, pw, b, out=h, accumulate=True) is h
+    assert f(x, out=h, accumulate=True) is h
     torch.testing.assert_close(h, expect, atol=1e-4, rtol=1e-4)
 
 
 def test_noncontiguous_input(mode):
     w, b = torch.randn(50, 40), torch.randn(50)
     x = torch.randn(40, 8).t()  # (8, 40), stride (1, 8)
-    torch.testing.assert_close(K.decode_linear(x, K.pack_weight(w), b), _ref(x, w, b), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(K.make_linear(w, b)(x), _ref(x, w, b), atol=1e-4, rtol=1e-4)
 
 
 def test_bf16_falls_back_to_torch():
     w, b, x = (t.to(torch.bfloat16) for t in (torch.randn(24, 16), torch.randn(24), torch.randn(3, 16)))
-    pw = K.pack_weight(w)
-    assert pw.panels is None
-    torch.testing.assert_close(K.decode_linear(x, pw, b), F.linear(x, w, b))
+    f = K.make_linear(w, b)
+    assert f.packed is None
+    torch.testing.assert_close(f(x), F.linear(x, w, b))
 
 
 def test_build_failure_falls_back(monkeypatch):
@@ -62,7 +62,7 @@ def test_build_failure_falls_back(monkeypatch):
     monkeypatch.setattr(K, "_build", K._build)  # real builder, missing compiler
     assert K.get_lib() is None
     w, x = torch.randn(10, 6), torch.randn(2, 6)
-    torch.testing.assert_close(K.decode_linear(x, K.pack_weight(w)), F.linear(x, w))
+    torch.testing.assert_close(K.make_linear(w)(x), F.linear(x, w))
 
 
 def test_measure_bandwidth_positive():
@@ -101,3 +101,9 @@ def test_decode_attention_matches_sdpa_with_rows_at_different_positions():
     torch.testing.assert_close(kc, ref_k)  # each row's key/value written at its own position
     torch.testing.assert_close(vc, ref_v)
     assert K.make_attend(kc.to(torch.bfloat16)) is None  # other dtypes use index writes + SDPA
+
+
+def test_exact_gelu_activation(mode):
+    w, b, x = torch.randn(40, 24), torch.randn(40), torch.randn(5, 24)
+    f = K.make_linear(w, b, activation="gelu")
+    torch.testing.assert_close(f(x, gelu=True), F.gelu(F.linear(x, w, b)), atol=1e-4, rtol=1e-4)

@@ -105,7 +105,8 @@ class DecodePlan:
 
     def __init__(self, model, *, packed: bool = True):
         tr, cfg = model.transformer, model.config
-        lin = {m: make_linear(m.weight, m.bias, packed=packed) for m in model.modules() if isinstance(m, torch.nn.Linear)}
+        lin = {m: make_linear(m.weight, m.bias, packed=packed, activation=cfg.activation)
+               for m in model.modules() if isinstance(m, torch.nn.Linear)}
         self.n_head, self.shape = cfg.n_head, (cfg.n_embd,)
         self.wte, self.wpe = tr.wte.weight, tr.wpe.weight
         self.layers = [
@@ -115,16 +116,6 @@ class DecodePlan:
         ]
         self.ln_f = (tr.ln_f.weight, tr.ln_f.bias, tr.ln_f.eps)
         self.head = lin[model.lm_head]
-        if cfg.activation != "gelu_tanh":  # the kernels fuse GPT-2's tanh GELU only
-            self.layers = [(*layer[:8], _unfused_gelu(layer[8]), layer[9]) for layer in self.layers]
-
-
-def _unfused_gelu(fc):
-    def fc_then_exact_gelu(x, *, gelu=False):
-        y = fc(x)
-        return F.gelu(y) if gelu else y
-
-    return fc_then_exact_gelu
 
 
 def tick(plan: DecodePlan, cache: KVCache, tokens, pos, L: int, mask, probe: Probe | None = None, attend=None):

@@ -6,7 +6,7 @@ from DRAM, see /tmp/decode_research/REPORT.md):
     so the matmul must run at DRAM read speed.  For M=1 every torch path
     (F.linear on (out, in), x @ W(in, out), mv) reads ~18-23 GB/s, this kernel
     ~21 GB/s; for M=8 MKL drops to ~6-9 GB/s while this kernel keeps ~15-19.
-  * `pack_weight` stores W as panels of 32 output columns, each panel a
+  * `make_linear` packs W as panels of 32 output columns, each panel a
     contiguous (in, 32) block: every thread streams one contiguous region, one
     k-step is 128 contiguous bytes, and up to 8 rows share each weight load,
     so M=8 costs about the same memory traffic as M=1.  Bias, GELU(tanh) and a
@@ -226,88 +226,56 @@ def measure_bandwidth(nbytes: int = 1 << 30, repeats: int = 5) -> float:
     return x.numel() * 4 / best
 
 
-class PackedWeight:
-    """A (out, in) nn.Linear weight re-laid as `panels` of shape
-    (ceil(out/32), in, 32), zero-padded; keeps the original for fallbacks."""
-
-    def __init__(self, weight: torch.Tensor, *, pack: bool = True):
-        w = weight.detach()
-        self.out_features, self.in_features = w.shape
-        self.weight = w
-        self.panels = None
-        if pack and w.device.type == "cpu" and w.dtype == torch.float32:
-            n, k = w.shape
-            np_ = (n + PANEL - 1) // PANEL
-            wt = torch.zeros(np_ * PANEL, k, dtype=w.dtype)
-            wt[:n] = w
-            self.panels = wt.view(np_, PANEL, k).transpose(1, 2).contiguous()
+def _pack(weight: torch.Tensor) -> torch.Tensor:
+    """(out, in) -> panels (ceil(out/32), in, 32), zero-padded: each panel one contiguous stream."""
+    n, k = weight.shape
+    n_panels = (n + PANEL - 1) // PANEL
+    padded = torch.zeros(n_panels * PANEL, k, dtype=weight.dtype)
+    padded[:n] = weight
+    return padded.view(n_panels, PANEL, k).transpose(1, 2).contiguous()
 
 
-def pack_weight(weight_out_in: torch.Tensor) -> PackedWeight:
-    """Pack an nn.Linear-layout (out, in) weight once, at load time."""
-    return PackedWeight(weight_out_in)
-
-
-def _torch_linear(x, pw, bias, gelu, out, accumulate):
-    y = F.linear(x, pw.weight, bias)
-    if gelu:
-        y = F.gelu(y, approximate="tanh")
+def _store(y, out, accumulate):
     if out is None:
         return y
     return out.add_(y) if accumulate else out.copy_(y)
 
 
-def decode_linear(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = None, *,
-                  gelu: bool = False, out: torch.Tensor | None = None,
-                  accumulate: bool = False) -> torch.Tensor:
-    """y = [gelu_tanh](x @ W.T + bias), written to `out` (or a new tensor); with
-    accumulate=True, out += that (fused residual add).  x is (..., in).  Uses
-    the compiled kernel for fp32 CPU tensors, torch otherwise."""
-    lib = get_lib()
-    n, k = pw.out_features, pw.in_features
-    lead = x.shape[:-1]
-    ok = (lib is not None and pw.panels is not None and x.dtype == torch.float32
-          and x.device.type == "cpu" and x.shape[-1] == k and not x.requires_grad
-          and (bias is None or (bias.dtype == torch.float32 and bias.device.type == "cpu"
-                                and bias.is_contiguous() and bias.numel() == n))
-          and (out is None or (out.dtype == torch.float32 and out.is_contiguous()
-                               and out.shape == (*lead, n)
-                               and out.untyped_storage().data_ptr() != x.untyped_storage().data_ptr())))
-    if not ok:
-        return _torch_linear(x, pw, bias, gelu, out, accumulate)
-    x2 = x.reshape(-1, k)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
-    if accumulate and out is None:
-        raise ValueError("accumulate=True needs out")
-    y = torch.empty(*lead, n) if out is None else out
-    lib.linear_panels(x2.data_ptr(), x2.shape[0], x2.stride(0), k, pw.panels.data_ptr(), n,
-                      bias.data_ptr() if bias is not None else None, y.data_ptr(), n,
-                      int(gelu), int(accumulate), torch.get_num_threads())
-    return y
+def make_linear(weight: torch.Tensor, bias: torch.Tensor | None = None, *, packed: bool = True,
+                activation: str = "gelu_tanh"):
+    """A decode-time linear for one frozen (out, in) weight:
 
+        f(x, *, gelu=False, out=None, accumulate=False) -> [act](x @ W.T + bias)
 
-def make_linear(weight: torch.Tensor, bias: torch.Tensor | None = None, *, packed: bool = True):
-    """A decode-time linear for one frozen weight: f(x, *, gelu=False, out=None, accumulate=False).
-
-    The weight is packed once and everything a call needs (pointers, sizes) is bound here, so the
-    per-call Python cost is a few attribute reads and one ctypes call (~6 us instead of ~20 us for
-    `decode_linear`'s general checks; a tick makes 4 * n_layer + 1 of these calls). Inputs that
-    the kernel cannot take (not fp32-on-CPU, autograd) go through the same torch fallback.
+    written to `out` (or a new tensor), or added to it with accumulate=True (a fused residual add);
+    `act` is the model's GELU ('gelu_tanh' or exact 'gelu'). The weight is packed once and
+    everything a call needs (pointers, sizes) is bound here, so a call costs a few attribute reads
+    and one ctypes call (~6 us; a tick makes 4 * n_layer + 1 of them). The kernel fuses GPT-2's
+    tanh GELU; exact GELU runs after it. Inputs the kernel cannot take (not fp32 on CPU, autograd),
+    packed=False, or no compiler: plain torch ops with the same results. `f.packed` holds the
+    panels (None on the torch path).
     """
-    pw = PackedWeight(weight, pack=packed)
-    lib = get_lib() if pw.panels is not None else None
-    if lib is None or (bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous())):
-        def torch_linear(x, *, gelu=False, out=None, accumulate=False):
-            return _torch_linear(x, pw, bias, gelu, out, accumulate)
+    w = weight.detach()
+    n, k = w.shape
+    approximate = "tanh" if activation == "gelu_tanh" else "none"
 
+    def torch_linear(x, *, gelu=False, out=None, accumulate=False):
+        y = F.linear(x, w, bias)
+        return _store(F.gelu(y, approximate=approximate) if gelu else y, out, accumulate)
+
+    lib = get_lib() if packed and w.device.type == "cpu" and w.dtype == torch.float32 else None
+    if lib is None or (bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous())):
+        torch_linear.packed = None
         return torch_linear
-    kernel, n, k = lib.linear_panels, pw.out_features, pw.in_features
-    w_ptr, b_ptr, f32 = pw.panels.data_ptr(), (bias.data_ptr() if bias is not None else None), torch.float32
+    panels = _pack(w)
+    kernel, f32, fused_gelu = lib.linear_panels, torch.float32, approximate == "tanh"
+    w_ptr, b_ptr = panels.data_ptr(), (bias.data_ptr() if bias is not None else None)
 
     def linear(x, *, gelu=False, out=None, accumulate=False):
         if x.dtype is not f32 or x.requires_grad or x.device.type != "cpu":
-            return _torch_linear(x, pw, bias, gelu, out, accumulate)
+            return torch_linear(x, gelu=gelu, out=out, accumulate=accumulate)
+        if gelu and not fused_gelu:
+            return _store(F.gelu(linear(x)), out, accumulate)
         if not x.is_contiguous():
             x = x.contiguous()
         y = torch.empty(*x.shape[:-1], n) if out is None else out
@@ -315,7 +283,7 @@ def make_linear(weight: torch.Tensor, bias: torch.Tensor | None = None, *, packe
                torch.get_num_threads())
         return y
 
-    linear.packed = pw  # keeps the panels alive as long as the function
+    linear.packed = panels  # keeps the panels alive as long as the function
     return linear
 
 
