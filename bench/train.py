@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import subprocess
 import sys
@@ -48,7 +47,7 @@ from llmclock.config import ModelConfig, TrainConfig
 from llmclock.data import TokenData, prepare
 from llmclock.model import GPT
 from llmclock.tokenizer import Tokenizer
-from llmclock.train import train
+from llmclock.train import lr_at, train
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
@@ -63,16 +62,6 @@ def recipe(iters: int, compile: bool) -> TrainConfig:
         warmup_steps=100, lr_decay_steps=2000, weight_decay=0.1, beta1=0.9, beta2=0.99,
         grad_clip=1.0, eval_interval=250, eval_batches=20, seed=1337, compile=compile, device="cpu",
     )
-
-
-def nano_lr(it: int, cfg: TrainConfig) -> float:
-    """nanoGPT's get_lr."""
-    if it < cfg.warmup_steps:
-        return cfg.learning_rate * (it + 1) / (cfg.warmup_steps + 1)
-    if it > cfg.lr_decay_steps:
-        return cfg.min_lr
-    ratio = (it - cfg.warmup_steps) / (cfg.lr_decay_steps - cfg.warmup_steps)
-    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.learning_rate - cfg.min_lr)
 
 
 def nano_model(vocab_size: int) -> ModelConfig:
@@ -127,7 +116,7 @@ def reference(model_config: ModelConfig, cfg: TrainConfig, data: TokenData, iter
 
     t0 = time.perf_counter()
     for it in range(iters):
-        lr = nano_lr(it, cfg)
+        lr = lr_at(it, cfg)  # nanoGPT's get_lr: the same warm-up + cosine
         for group in optimizer.param_groups:
             group["lr"] = lr
         if it % cfg.eval_interval == 0:

@@ -54,6 +54,11 @@ class ModelConfig:
     def head_size(self) -> int:
         return self.n_embd // self.n_head
 
+    @property
+    def gelu_approximate(self) -> str:
+        """`activation` as F.gelu's `approximate` argument."""
+        return "tanh" if self.activation == "gelu_tanh" else "none"
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 

@@ -105,7 +105,7 @@ class DecodePlan:
 
     def __init__(self, model, *, packed: bool = True):
         tr, cfg = model.transformer, model.config
-        lin = {m: make_linear(m.weight, m.bias, packed=packed, activation=cfg.activation)
+        lin = {m: make_linear(m.weight, m.bias, packed=packed, approximate=cfg.gelu_approximate)
                for m in model.modules() if isinstance(m, torch.nn.Linear)}
         self.n_head, self.shape = cfg.n_head, (cfg.n_embd,)
         self.wte, self.wpe = tr.wte.weight, tr.wpe.weight

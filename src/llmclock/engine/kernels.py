@@ -242,13 +242,13 @@ def _store(y, out, accumulate):
 
 
 def make_linear(weight: torch.Tensor, bias: torch.Tensor | None = None, *, packed: bool = True,
-                activation: str = "gelu_tanh"):
+                approximate: str = "tanh"):
     """A decode-time linear for one frozen (out, in) weight:
 
         f(x, *, gelu=False, out=None, accumulate=False) -> [act](x @ W.T + bias)
 
     written to `out` (or a new tensor), or added to it with accumulate=True (a fused residual add);
-    `act` is the model's GELU ('gelu_tanh' or exact 'gelu'). The weight is packed once and
+    `act` is the model's GELU (F.gelu's `approximate`: 'tanh', GPT-2's, or 'none', exact). The weight is packed once and
     everything a call needs (pointers, sizes) is bound here, so a call costs a few attribute reads
     and one ctypes call (~6 us; a tick makes 4 * n_layer + 1 of them). The kernel fuses GPT-2's
     tanh GELU; exact GELU runs after it. Inputs the kernel cannot take (not fp32 on CPU, autograd),
@@ -257,7 +257,6 @@ def make_linear(weight: torch.Tensor, bias: torch.Tensor | None = None, *, packe
     """
     w = weight.detach()
     n, k = w.shape
-    approximate = "tanh" if activation == "gelu_tanh" else "none"
 
     def torch_linear(x, *, gelu=False, out=None, accumulate=False):
         y = F.linear(x, w, bias)
