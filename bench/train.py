@@ -12,10 +12,11 @@ Both sides train nanoGPT's model for this recipe (no biases, exact GELU):
   reference  nanoGPT's train.py loop, eager (torch's default CPU AdamW, a batch of per-row numpy
              slices, a 40-forward train+val estimate every 250 steps), `--ref-iters` steps, in a
              process of its own with the environment a nanoGPT user has (OpenMP's default wait
-             policy), run first;
+             policy), once before and once after llmclock's run; the ratio uses their mean;
   llmclock   `llmclock.train.train` with the full recipe as `llmclock train` runs it (spinning
-             OpenMP threads, fused AdamW, batched validation), timed over the whole call
-             (model build, compile if any, every evaluation, the final checkpoint).
+             OpenMP threads, fused AdamW, the fused CPU kernels of llmclock.fused, batched
+             validation), in a process of its own, timed over the whole call (model build,
+             compile if any, every evaluation, the final checkpoint).
 The machine's speed drifts over minutes, so the in-run ratio is the number to trust.
 The last line is machine-readable:
     RESULT ms_per_iter=<float> tokens_per_s=<float> val_loss=<float>
@@ -25,17 +26,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-REFERENCE_ONLY = "--reference-only" in sys.argv
-if not REFERENCE_ONLY:
+if "--llmclock-only" in sys.argv:
     # llmclock's trainer runs with OpenMP threads that spin between ops instead of sleeping (what
-    # `llmclock train` sets; see README). It must be in the environment before torch loads.
+    # `llmclock train` sets; see README). It must be in the environment before torch loads. Only
+    # in its own child: spinning threads left in this parent would steal cores from the others.
     from llmclock.threads import prefer_spinning_threads
 
     prefer_spinning_threads()
@@ -70,16 +70,19 @@ def nano_model(vocab_size: int) -> ModelConfig:
                        bias=False, activation="gelu")
 
 
-def run_reference(data_dir: Path, args) -> float:
-    """The reference in its own process, with the environment a user of nanoGPT would have."""
-    env = dict(os.environ)
-    if os.environ.get("LLMCLOCK_SET_OMP_WAIT_POLICY"):  # ours, not the user's: give the child the default
-        env.pop("OMP_WAIT_POLICY", None)
-    cmd = [sys.executable, __file__, "--reference-only", "--data-dir", str(data_dir), "--ref-iters", str(args.ref_iters)]
-    if args.threads:
-        cmd += ["--threads", str(args.threads)]
-    out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout
-    return json.loads(out.strip().splitlines()[-1])["s_per_iter"]
+def run_child(role: str, data_dir: Path, args) -> dict:
+    """One side in a process of its own; returns the JSON its last line prints.
+
+    The reference gets the environment a nanoGPT user has; llmclock's side sets its thread policy
+    itself (see the top of this file). Separate processes keep llmclock's spinning OpenMP threads
+    from stealing a core from a reference that runs after it.
+    """
+    cmd = [sys.executable, __file__, f"--{role}-only", "--data-dir", str(data_dir), "--ref-iters", str(args.ref_iters),
+           "--iters", str(args.iters)]
+    cmd += ["--threads", str(args.threads)] if args.threads else []
+    cmd += ["--compile"] if args.compile else []
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
 
 
 def reference(model_config: ModelConfig, cfg: TrainConfig, data: TokenData, iters: int) -> float:
@@ -130,21 +133,40 @@ def reference(model_config: ModelConfig, cfg: TrainConfig, data: TokenData, iter
     return (time.perf_counter() - t0) / iters
 
 
+def run_llmclock(model_config: ModelConfig, cfg: TrainConfig, data: TokenData, tok_dir: Path) -> dict:
+    """`llmclock.train.train` as `llmclock train` runs it, timed over the whole call."""
+    step_times: list[float] = []
+    t0 = time.perf_counter()
+    res = train(model_config, cfg, data, tok_dir, progress=False,
+                on_step=lambda step, loss: step_times.append(time.perf_counter()))
+    wall = time.perf_counter() - t0
+    typical = (step_times[-1] - step_times[1]) / (len(step_times) - 2) if len(step_times) > 2 else float("nan")
+    return {"wall": wall, "steps": res.step, "loop_ms": res.ms_per_step, "first_step_s": step_times[0] - t0,
+            "typical_s": typical, "val": res.evals["val"]["loss"], "last_loss": res.last_loss}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", default=str(DEFAULT_DATA), help="any UTF-8 text file")
     ap.add_argument("--iters", type=int, default=2000, help="training steps of the llmclock run")
-    ap.add_argument("--ref-iters", type=int, default=250, help="steps of the reference loop (one eval period)")
+    ap.add_argument("--ref-iters", type=int, default=250, help="steps of each reference run (one eval period)")
     ap.add_argument("--compile", action="store_true", help="torch.compile the model (TrainConfig.compile)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     ap.add_argument("--reference-only", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--llmclock-only", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--data-dir", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.reference_only:  # the child process: nanoGPT's loop, as a user would run it
+    if args.reference_only or args.llmclock_only:  # a child process: one side of the comparison
         data = TokenData(args.data_dir)
-        print(json.dumps({"s_per_iter": reference(nano_model(data.vocab_size), recipe(2000, False), data, args.ref_iters)}))
+        model_config = nano_model(data.vocab_size)
+        if args.reference_only:
+            result = {"s_per_iter": reference(model_config, recipe(2000, False), data, args.ref_iters)}
+        else:
+            with tempfile.TemporaryDirectory(prefix="llmclock-bench-run-") as run:
+                result = run_llmclock(model_config, recipe(args.iters, args.compile), data, Path(run) / "run")
+        print(json.dumps(result))
         return
 
     with tempfile.TemporaryDirectory(prefix="llmclock-bench-train-") as tmp:
@@ -153,38 +175,31 @@ def main() -> None:
         tok = Tokenizer.train_char([text])
         prepare([args.data], tok, tmp / "data", val_fraction=0.1, test_fraction=0.0, shuffle_files=False)
         data = TokenData(tmp / "data")
-        model_config = nano_model(tok.vocab_size)
         cfg = recipe(args.iters, args.compile)
         tokens_per_iter = cfg.batch_size * cfg.block_size
         print(f"data {args.data}: {data.num_tokens('train'):,} train / {data.num_tokens('val'):,} val tokens, "
               f"vocab {tok.vocab_size}; torch {torch.__version__}, {torch.get_num_threads()} threads")
-
-        # Before our run, while this process has started no OpenMP threads: once it has, they spin
-        # (see llmclock.threads) and would steal a core from the reference.
-        ref_before = run_reference(tmp / "data", args) if args.ref_iters else float("nan")
-        print(f"reference (eager nanoGPT loop in its own process, {args.ref_iters} iters): "
-              f"{1000 * ref_before:.2f} ms/iter, {tokens_per_iter / ref_before:,.0f} tokens/s")
-
-        step_times: list[float] = []
-        t0 = time.perf_counter()
-        res = train(model_config, cfg, data, tmp / "run", tokenizer=tok, progress=False,
-                    on_step=lambda step, loss: step_times.append(time.perf_counter()))
-        wall = time.perf_counter() - t0
-        ref_s = ref_before
-    steps = res.step
+        # The machine's speed drifts over minutes: the reference runs before and after ours.
+        refs = []
+        for when in ("before", "after"):
+            if when == "after":
+                r = run_child("llmclock", tmp / "data", args)
+            ref = run_child("reference", tmp / "data", args)["s_per_iter"] if args.ref_iters else float("nan")
+            refs.append(ref)
+            print(f"reference {when} (eager nanoGPT loop in its own process, {args.ref_iters} iters): "
+                  f"{1000 * ref:.2f} ms/iter, {tokens_per_iter / ref:,.0f} tokens/s")
+    ref_s = sum(refs) / len(refs)
+    steps, wall, val = r["steps"], r["wall"], r["val"]
     ms = 1000 * wall / steps
     tps = tokens_per_iter * steps / wall
-    val = res.evals["val"]["loss"]
-    if len(step_times) > 2:
-        typical = (step_times[-1] - step_times[1]) / (len(step_times) - 2)
-        print(f"first step {step_times[0] - t0:.2f} s (build{' + compile' if args.compile else ''}), "
-              f"then {1000 * typical:.2f} ms/iter between steps (evals included)")
-    print(f"llmclock trainer ({steps} iters{', compiled' if args.compile else ''}): whole call {wall:.1f} s; "
-          f"loop only {res.ms_per_step:.2f} ms/iter")
+    print(f"first step {r['first_step_s']:.2f} s (build{' + compile' if args.compile else ''}), "
+          f"then {1000 * r['typical_s']:.2f} ms/iter between steps (evals included)")
+    print(f"llmclock trainer ({steps} iters{', compiled' if args.compile else ''}, own process): whole call "
+          f"{wall:.1f} s; loop only {r['loop_ms']:.2f} ms/iter")
     print(f"  {ms:.2f} ms/iter, {tps:,.0f} tokens/s (whole call, evals + checkpoint included)")
-    print(f"  final train loss {res.last_loss:.4f}, val loss {val:.4f} (nanoGPT: {NANOGPT_VAL_LOSS})")
-    print(f"  vs in-run reference: {1000 * ref_s / ms:.2f}x; vs nanoGPT's {NANOGPT_TOKENS_PER_S:,.0f} tokens/s: "
-          f"{tps / NANOGPT_TOKENS_PER_S:.2f}x")
+    print(f"  final train loss {r['last_loss']:.4f}, val loss {val:.4f} (nanoGPT: {NANOGPT_VAL_LOSS})")
+    print(f"  vs in-run reference (mean of before and after, {1000 * ref_s:.2f} ms/iter): {1000 * ref_s / ms:.2f}x; "
+          f"vs nanoGPT's {NANOGPT_TOKENS_PER_S:,.0f} tokens/s: {tps / NANOGPT_TOKENS_PER_S:.2f}x")
     print(f"RESULT ms_per_iter={ms:.3f} tokens_per_s={tps:.1f} val_loss={val:.4f}")
 
 

@@ -72,7 +72,7 @@ def _train_config(a):
         grad_accum=a.grad_accum, learning_rate=a.lr, min_lr=a.min_lr, warmup_steps=a.warmup,
         weight_decay=a.weight_decay, beta2=a.beta2, grad_clip=a.grad_clip, eval_interval=a.eval_interval,
         eval_batches=a.eval_batches, checkpoint_interval=a.checkpoint_interval, seed=a.seed, dtype=a.dtype,
-        compile=a.compile, device=a.device,
+        compile=a.compile, fused_kernels=not a.no_fused_kernels, device=a.device,
     )
 
 
@@ -262,6 +262,8 @@ def _add_train_args(p) -> None:
     g.add_argument("--seed", type=int, default=1337)
     g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     g.add_argument("--compile", action="store_true")
+    g.add_argument("--no-fused-kernels", action="store_true",
+                   help="torch ops only (default on CPU fp32: llmclock's attention/GELU/LayerNorm kernels)")
     g.add_argument("--device", default="auto")
 
 

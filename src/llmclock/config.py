@@ -149,6 +149,8 @@ class TrainConfig:
     """Autocast dtype for the forward pass: float32 or bfloat16."""
     compile: bool = False
     """torch.compile the model."""
+    fused_kernels: bool = True
+    """On the CPU in float32 without compile: llmclock's compiled attention, GELU and LayerNorm kernels."""
     device: str = "auto"
     """cpu, cuda, cuda:N or auto."""
 

@@ -29,15 +29,21 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.attn_dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
+        # Optional fused kernel for the cache-free causal path, (B, T, 3C) -> (B, T, C); set by
+        # llmclock.fused.fuse_cpu_ops. None: torch's scaled_dot_product_attention.
+        self.fused_attention = None
 
     def forward(self, x: torch.Tensor, kv=None, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         B, T, C = x.size()
         hs = C // self.n_head
-        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        dropout_p = self.attn_dropout if self.training else 0.0
+        qkv = self.c_attn(x)  # (B, T, 3C)
+        if kv is None and dropout_p == 0.0 and self.fused_attention is not None:
+            return self.resid_dropout(self.c_proj(self.fused_attention(qkv, self.n_head)))
+        q, k, v = qkv.split(self.n_embd, dim=2)
         q = q.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
-        dropout_p = self.attn_dropout if self.training else 0.0
         if kv is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)
         else:
@@ -56,9 +62,10 @@ class MLP(nn.Module):
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
         self.approximate = config.gelu_approximate
+        self.act = F.gelu  # or a fused equivalent with F.gelu's signature (llmclock.fused)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate=self.approximate)))
+        return self.dropout(self.c_proj(self.act(self.c_fc(x), approximate=self.approximate)))
 
 
 class Block(nn.Module):

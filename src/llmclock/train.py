@@ -21,6 +21,7 @@ from . import checkpoint as ckpt_io
 from .config import ModelConfig, TrainConfig
 from .errors import LLMClockError
 from .evaluate import evaluate
+from .fused import fuse_cpu_ops
 from .model import GPT
 
 
@@ -194,13 +195,15 @@ def train(
         evx, evy = eval_batches(val_tokens, cfg.batch_size, cfg.block_size, cfg.eval_batches, cfg.seed)
 
     raw_model = model
+    autocast_dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else None
+    if cfg.fused_kernels and device.type == "cpu" and autocast_dtype is None and not cfg.compile:
+        fuse_cpu_ops(model)
     if cfg.compile:
         model = torch.compile(model)
     if dist.world > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-    autocast_dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else None
 
     def autocast():
         if autocast_dtype is None:

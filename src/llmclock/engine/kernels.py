@@ -12,24 +12,19 @@ from DRAM, see /tmp/decode_research/REPORT.md):
     so M=8 costs about the same memory traffic as M=1.  Bias, GELU(tanh) and a
     residual add are fused into the store.
   * The kernel is plain C++ with GCC vector types (AVX-512 with -march=native),
-    OpenMP over panels (it shares torch's libgomp, so torch.set_num_threads
-    applies), built once with g++ (~1 s, vs ~50 s for a torch extension that
-    includes torch/extension.h) into the torch extensions cache and called
-    through ctypes (~2 us per call).  Without a compiler, or for non-fp32 /
-    non-CPU tensors, everything falls back to torch ops with the same results.
+    OpenMP over panels, built once by llmclock.cbuild and called through
+    ctypes (~2 us per call).  Without a compiler, or for non-fp32 / non-CPU
+    tensors, everything falls back to torch ops with the same results.
 """
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import os
-import shutil
-import subprocess
-import tempfile
 import time
 
 import torch
 import torch.nn.functional as F
+
+from ..cbuild import build
 
 PANEL = 32
 
@@ -150,42 +145,13 @@ extern "C" double stream_sum(const float* p, int64_t n, int nthreads) {
 }
 """
 
-_FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
 _lib = None  # ctypes.CDLL, False when the build failed
 
 
-def _cpu_id() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return "".join(sorted({ln for ln in f if ln.startswith(("model name", "flags"))}))
-    except OSError:
-        return os.uname().machine
-
-
 def _build():
-    """Compile _SRC once into the torch extensions cache; returns a CDLL or None."""
-    cxx = os.environ.get("CXX", "g++")
-    if shutil.which(cxx) is None:
-        return None
-    # -march=native: the build is only valid on this CPU model, so its flags are part of the key.
-    tag = hashlib.sha1((_SRC + " ".join(_FLAGS) + cxx + _cpu_id()).encode()).hexdigest()[:16]
-    from torch.utils.cpp_extension import get_default_build_root
-
-    root = os.environ.get("TORCH_EXTENSIONS_DIR", get_default_build_root())
-    d = os.path.join(root, "llmclock_kernels")
-    so = os.path.join(d, f"llmclock_kernels_{tag}.so")
-    try:
-        if not os.path.exists(so):
-            os.makedirs(d, exist_ok=True)
-            with tempfile.TemporaryDirectory(dir=d) as tmp:
-                src = os.path.join(tmp, "k.cpp")
-                with open(src, "w") as f:
-                    f.write(_SRC)
-                out = os.path.join(tmp, "k.so")
-                subprocess.run([cxx, *_FLAGS, src, "-o", out], check=True, capture_output=True, timeout=120)
-                os.replace(out, so)  # atomic: concurrent builders are safe
-        lib = ctypes.CDLL(so)
-    except (OSError, subprocess.SubprocessError):
+    """Compile _SRC once (see llmclock.cbuild); returns a CDLL with its signatures set, or None."""
+    lib = build("llmclock_kernels", _SRC)
+    if lib is None:
         return None
     i64, ptr, c_int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
     lib.linear_panels.argtypes = [ptr, i64, i64, i64, ptr, i64, ptr, ptr, i64, c_int, c_int, c_int]
@@ -201,7 +167,7 @@ def get_lib():
     """The compiled kernel library (built on first call), or None if unavailable."""
     global _lib
     if _lib is None:
-        _lib = (None if os.environ.get("LLMCLOCK_NO_CKERNELS") else _build()) or False
+        _lib = _build() or False
     return _lib or None
 
 

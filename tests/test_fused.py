@@ -1,0 +1,117 @@
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from llmclock import fused
+from llmclock.config import ModelConfig
+from llmclock.model import GPT
+
+
+@pytest.fixture(params=[False, True], ids=["kernel", "fallback"])
+def mode(request, monkeypatch):
+    if request.param:
+        monkeypatch.setattr(fused, "_lib", False)  # what a failed build leaves behind
+    else:
+        monkeypatch.setattr(fused, "_lib", None)
+        if fused.get_lib() is None:
+            pytest.skip("no C++ compiler")
+    return request.param
+
+
+def _grads(f, *inputs, seed=0):
+    """f(*inputs), and the gradients of a fixed random projection of it w.r.t. the inputs."""
+    inputs = [t.detach().clone().requires_grad_() for t in inputs]
+    y = f(*inputs)
+    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed))
+    y.backward(g)
+    return y.detach(), [t.grad for t in inputs]
+
+
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+@pytest.mark.parametrize("n", [1, 15, 16, 1000, 70_001])
+def test_gelu_matches_torch(mode, approximate, n):
+    x = torch.randn(n, generator=torch.Generator().manual_seed(n)) * 4
+    x[0] = -30.0  # far tails: exp underflow and saturation
+    y, (gx,) = _grads(lambda t: fused.gelu(t, approximate=approximate), x)
+    y_ref, (gx_ref,) = _grads(lambda t: F.gelu(t, approximate=approximate), x)
+    torch.testing.assert_close(y, y_ref, atol=2e-6, rtol=1e-5)
+    torch.testing.assert_close(gx, gx_ref, atol=1e-5, rtol=1e-5)  # torch's own tanh-form gradient rounds to 1 early
+
+
+def _sdpa(qkv, n_head):
+    B, T, C3 = qkv.shape
+    q, k, v = qkv.view(B, T, 3, n_head, C3 // 3 // n_head).permute(2, 0, 3, 1, 4)  # 3 x (B, nh, T, hs)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(B, T, C3 // 3)
+
+
+@pytest.mark.parametrize("B,T,nh,hs", [(2, 64, 4, 32), (1, 1, 2, 16), (3, 37, 3, 64), (1, 130, 1, 48), (2, 9, 2, 5)])
+def test_causal_attention_matches_sdpa(mode, B, T, nh, hs):
+    qkv = torch.randn(B, T, 3 * nh * hs, generator=torch.Generator().manual_seed(T))
+    y, (g,) = _grads(lambda t: fused.causal_attention(t, nh), qkv)
+    y_ref, (g_ref,) = _grads(lambda t: _sdpa(t, nh), qkv)
+    torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(g, g_ref, atol=1e-5, rtol=1e-4)
+
+
+def test_causal_attention_is_causal():
+    if fused.get_lib() is None:
+        pytest.skip("no C++ compiler")
+    qkv = torch.randn(1, 20, 3 * 32)
+    later = qkv.clone()
+    later[:, 12:] = torch.randn(1, 8, 96)  # changing later tokens
+    torch.testing.assert_close(fused.causal_attention(qkv, 2)[:, :12], fused.causal_attention(later, 2)[:, :12])
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("C", [16, 128, 40])
+def test_layer_norm_matches_torch(mode, bias, C):
+    torch.manual_seed(C)
+    ln = torch.nn.LayerNorm(C, bias=bias)
+    with torch.no_grad():
+        ln.weight.normal_()
+        if bias:
+            ln.bias.normal_()
+    f = fused.FusedLayerNorm.of(ln)
+    assert f.weight is ln.weight and list(f.state_dict()) == list(ln.state_dict())
+    x, g = torch.randn(3, 50, C) * 3 + 1, torch.randn(3, 50, C)
+    results = []
+    for module in (ln, f):  # the same Parameters: gradients are compared one module at a time
+        ln.zero_grad(set_to_none=True)
+        xi = x.clone().requires_grad_()
+        y = module(xi)
+        y.backward(g)
+        results.append([y.detach(), xi.grad] + [p.grad for p in ln.parameters()])
+    for a, b in zip(*results):
+        torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("activation,bias", [("gelu_tanh", True), ("gelu", False)])
+def test_fused_model_equals_plain_model(activation, bias):
+    if fused.get_lib() is None:
+        pytest.skip("no C++ compiler")
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=50, block_size=32, n_layer=2, n_head=2, n_embd=32, dropout=0.0,
+                      activation=activation, bias=bias)
+    plain = GPT(cfg)
+    fast = copy.deepcopy(plain)
+    assert fused.fuse_cpu_ops(fast)
+    assert list(fast.state_dict()) == list(plain.state_dict())
+    x = torch.randint(0, 50, (3, 32))
+    _, loss = plain(x, x)
+    _, loss_f = fast(x, x)
+    loss.backward()
+    loss_f.backward()
+    torch.testing.assert_close(loss_f, loss, atol=1e-5, rtol=1e-5)
+    for (name, p), q in zip(plain.named_parameters(), fast.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_fuse_refuses_what_it_cannot_run(monkeypatch):
+    cfg = ModelConfig(vocab_size=50, block_size=16, n_layer=1, n_head=2, n_embd=32)
+    assert not fused.fuse_cpu_ops(GPT(cfg).to(torch.bfloat16))
+    monkeypatch.setattr(fused, "_lib", False)
+    model = GPT(cfg)
+    assert not fused.fuse_cpu_ops(model)
+    assert model.transformer.h[0].attn.fused_attention is None
