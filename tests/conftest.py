@@ -45,3 +45,15 @@ def tiny_model(char_tok):
 
     torch.manual_seed(0)
     return GPT(preset("test", vocab_size=char_tok.vocab_size)).eval()
+
+
+def kernel_or_fallback(request, monkeypatch, module) -> bool:
+    """For a `mode` fixture parametrised [False, True]: run a test on `module`'s compiled kernels
+    (skipped without a compiler) or, for True, on the torch fallback a failed build leaves."""
+    if request.param:
+        monkeypatch.setattr(module, "_lib", False)  # what a failed build leaves behind
+    else:
+        monkeypatch.setattr(module, "_lib", None)
+        if module.get_lib() is None:
+            pytest.skip("no C++ compiler")
+    return request.param

@@ -7,17 +7,12 @@ import torch.nn.functional as F
 from llmclock import fused
 from llmclock.config import ModelConfig
 from llmclock.model import GPT
+from conftest import kernel_or_fallback
 
 
 @pytest.fixture(params=[False, True], ids=["kernel", "fallback"])
 def mode(request, monkeypatch):
-    if request.param:
-        monkeypatch.setattr(fused, "_lib", False)  # what a failed build leaves behind
-    else:
-        monkeypatch.setattr(fused, "_lib", None)
-        if fused.get_lib() is None:
-            pytest.skip("no C++ compiler")
-    return request.param
+    return kernel_or_fallback(request, monkeypatch, fused)
 
 
 def _grads(f, *inputs, seed=0):

@@ -3,6 +3,7 @@ import torch
 import torch.nn.functional as F
 
 from llmclock.engine import kernels as K
+from conftest import kernel_or_fallback
 
 SHAPES = [(96, 1000), (768, 2304), (33, 7), (3072, 768), (5, 64)]
 
@@ -14,13 +15,7 @@ def _ref(x, w, b, gelu=False):
 
 @pytest.fixture(params=[False, True], ids=["kernel", "fallback"])
 def mode(request, monkeypatch):
-    if request.param:
-        monkeypatch.setattr(K, "_lib", False)  # what a failed build leaves behind
-    else:
-        monkeypatch.setattr(K, "_lib", None)
-        if K.get_lib() is None:
-            pytest.skip("no C++ compiler")
-    return request.param
+    return kernel_or_fallback(request, monkeypatch, K)
 
 
 @pytest.mark.parametrize("k,n", SHAPES)
