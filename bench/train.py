@@ -133,11 +133,11 @@ def reference(model_config: ModelConfig, cfg: TrainConfig, data: TokenData, iter
     return (time.perf_counter() - t0) / iters
 
 
-def run_llmclock(model_config: ModelConfig, cfg: TrainConfig, data: TokenData, tok_dir: Path) -> dict:
+def run_llmclock(model_config: ModelConfig, cfg: TrainConfig, data: TokenData, out_dir: Path) -> dict:
     """`llmclock.train.train` as `llmclock train` runs it, timed over the whole call."""
     step_times: list[float] = []
     t0 = time.perf_counter()
-    res = train(model_config, cfg, data, tok_dir, progress=False,
+    res = train(model_config, cfg, data, out_dir, progress=False,
                 on_step=lambda step, loss: step_times.append(time.perf_counter()))
     wall = time.perf_counter() - t0
     typical = (step_times[-1] - step_times[1]) / (len(step_times) - 2) if len(step_times) > 2 else float("nan")
@@ -179,16 +179,16 @@ def main() -> None:
         tokens_per_iter = cfg.batch_size * cfg.block_size
         print(f"data {args.data}: {data.num_tokens('train'):,} train / {data.num_tokens('val'):,} val tokens, "
               f"vocab {tok.vocab_size}; torch {torch.__version__}, {torch.get_num_threads()} threads")
-        # The machine's speed drifts over minutes: the reference runs before and after ours.
-        refs = []
-        for when in ("before", "after"):
-            if when == "after":
-                r = run_child("llmclock", tmp / "data", args)
+        def reference_run(when: str) -> float:
             ref = run_child("reference", tmp / "data", args)["s_per_iter"] if args.ref_iters else float("nan")
-            refs.append(ref)
             print(f"reference {when} (eager nanoGPT loop in its own process, {args.ref_iters} iters): "
                   f"{1000 * ref:.2f} ms/iter, {tokens_per_iter / ref:,.0f} tokens/s")
-    ref_s = sum(refs) / len(refs)
+            return ref
+
+        # The machine's speed drifts over minutes: the reference runs before and after ours.
+        ref_before = reference_run("before")
+        r = run_child("llmclock", tmp / "data", args)
+        ref_s = (ref_before + reference_run("after")) / 2
     steps, wall, val = r["steps"], r["wall"], r["val"]
     ms = 1000 * wall / steps
     tps = tokens_per_iter * steps / wall

@@ -51,9 +51,9 @@ def kernel_or_fallback(request, monkeypatch, module) -> bool:
     """For a `mode` fixture parametrised [False, True]: run a test on `module`'s compiled kernels
     (skipped without a compiler) or, for True, on the torch fallback a failed build leaves."""
     if request.param:
-        monkeypatch.setattr(module, "_lib", False)  # what a failed build leaves behind
+        monkeypatch.setattr(module._kernels, "lib", False)  # what a failed build leaves behind
     else:
-        monkeypatch.setattr(module, "_lib", None)
+        monkeypatch.setattr(module._kernels, "lib", None)
         if module.get_lib() is None:
             pytest.skip("no C++ compiler")
     return request.param

@@ -106,7 +106,7 @@ def test_fused_model_equals_plain_model(activation, bias):
 def test_fuse_refuses_what_it_cannot_run(monkeypatch):
     cfg = ModelConfig(vocab_size=50, block_size=16, n_layer=1, n_head=2, n_embd=32)
     assert not fused.fuse_cpu_ops(GPT(cfg).to(torch.bfloat16))
-    monkeypatch.setattr(fused, "_lib", False)
+    monkeypatch.setattr(fused._kernels, "lib", False)
     model = GPT(cfg)
     assert not fused.fuse_cpu_ops(model)
     assert model.transformer.h[0].attn.fused_attention is None

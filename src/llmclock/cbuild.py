@@ -56,3 +56,27 @@ def build(name: str, src: str, libs: tuple[str, ...] = ()) -> ctypes.CDLL | None
         return ctypes.CDLL(so)
     except (OSError, subprocess.SubprocessError):
         return None
+
+
+class Library:
+    """A kernel source built and loaded on first use, with its entry points' ctypes signatures.
+
+    `signatures` maps each extern "C" function to its argument types (ctypes), `restypes` those
+    that return something to the return type (the rest return void). `get()` returns the loaded
+    CDLL, or None where it cannot be built; the outcome is kept in `lib` (None: not tried yet,
+    False: failed), so a failed build is not retried.
+    """
+
+    def __init__(self, name: str, src: str, signatures: dict[str, list], restypes: dict | None = None):
+        self.name, self.src, self.signatures, self.restypes = name, src, signatures, restypes or {}
+        self.lib: ctypes.CDLL | bool | None = None
+
+    def get(self) -> ctypes.CDLL | None:
+        if self.lib is None:
+            lib = build(self.name, self.src)
+            if lib is not None:
+                for fn, argtypes in self.signatures.items():
+                    getattr(lib, fn).argtypes = argtypes
+                    getattr(lib, fn).restype = self.restypes.get(fn)
+            self.lib = lib or False
+        return self.lib or None

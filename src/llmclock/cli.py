@@ -9,6 +9,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from .config import ACTIVATIONS
 from .errors import LLMClockError
 
 
@@ -239,7 +240,7 @@ def _add_model_args(p) -> None:
     g.add_argument("--n-embd", type=int)
     g.add_argument("--dropout", type=float)
     g.add_argument("--context", type=int, help="model context length (default: --block-size)")
-    g.add_argument("--activation", choices=["gelu_tanh", "gelu"], help="MLP GELU: GPT-2's tanh form (default) or exact")
+    g.add_argument("--activation", choices=ACTIVATIONS, help="MLP GELU: GPT-2's tanh form (default) or exact")
     g.add_argument("--no-bias", action="store_true", help="no biases in Linear/LayerNorm (nanoGPT's default)")
 
 

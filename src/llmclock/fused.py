@@ -29,7 +29,7 @@ import ctypes
 import torch
 import torch.nn.functional as F
 
-from .cbuild import build
+from .cbuild import Library
 
 _SRC = r"""
 #include <math.h>
@@ -73,14 +73,15 @@ static inline vf vphi(vf x, vf* pdf) {  /* standard normal cdf; its density too 
 }
 /* ---- GELU: y = x * Phi(x), exact (erf) or GPT-2's tanh approximation; dx = dy * y'(x) ---- */
 /* tanh form through the logistic: 0.5 (1 + tanh u) = 1 / (1 + e^-2u), free of cancellation where
-   tanh u is near -1; its derivative 0.5 (1 - tanh^2 u) = 2 s (1 - s). */
+   tanh u is near -1 (u = sqrt(2/pi) (x + 0.044715 x^3)); its derivative 0.5 (1 - tanh^2 u) = 2 s (1 - s). */
+static inline vf e_minus_2u(vf x) { return vexp(-1.5957691216057308f * (x + 0.044715f * x * x * x)); }
 static inline vf gelu_v(vf x, int approx) {
-  if (approx) return x / (1.f + vexp(-1.5957691216057308f * (x + 0.044715f * x * x * x)));
+  if (approx) return x / (1.f + e_minus_2u(x));
   return x * vphi(x, 0);
 }
 static inline vf gelu_grad_v(vf x, int approx) {
   if (approx) {
-    const vf e = vexp(-1.5957691216057308f * (x + 0.044715f * x * x * x)), s = 1.f / (1.f + e);
+    const vf e = e_minus_2u(x), s = 1.f / (1.f + e);
     return s + 2.f * x * s * (e * s) * 0.7978845608028654f * (1.f + 0.134145f * x * x);
   }
   vf pdf;
@@ -120,24 +121,17 @@ extern "C" void gelu_bwd(const float* x, const float* dy, float* dx, int64_t n, 
    above the diagonal; masked entries of P and dS are exactly 0, so diagonal blocks need no care. */
 static inline int64_t pad16(int64_t n) { return (n + 15) & ~(int64_t)15; }
 
-static inline float hsum(vf v) {
-  v += __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
-  v += __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11);
-  v += __builtin_shufflevector(v, v, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
-  v += __builtin_shufflevector(v, v, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14);
+/* all 16 lanes folded by op in four butterfly steps, the result in every lane */
+template <class Op>
+static inline float hreduce(vf v, Op op) {
+  v = op(v, __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7));
+  v = op(v, __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11));
+  v = op(v, __builtin_shufflevector(v, v, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13));
+  v = op(v, __builtin_shufflevector(v, v, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14));
   return v[0];
 }
-static inline float hmax(vf v) {
-  vf s = __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
-  v = v > s ? v : s;
-  s = __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11);
-  v = v > s ? v : s;
-  s = __builtin_shufflevector(v, v, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
-  v = v > s ? v : s;
-  s = __builtin_shufflevector(v, v, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14);
-  v = v > s ? v : s;
-  return v[0];
-}
+static inline float hsum(vf v) { return hreduce(v, [](vf a, vf b) { return a + b; }); }
+static inline float hmax(vf v) { return hreduce(v, [](vf a, vf b) { return a > b ? a : b; }); }
 
 /* Cm[i, j] = alpha A[i, :] . Bt[:, j] for i in [i0, i0+MR), j in [j0, j0+16*NB); A (., K) row
    stride lda, Bt (K, ldb). MR x NB accumulators stay in registers. */
@@ -366,26 +360,17 @@ extern "C" void attn_bwd(const float* qkv, const float* y, const float* lse, con
 }
 """
 
-_lib = None  # ctypes.CDLL, False when the build failed
-
-
-def get_lib():
-    """The compiled library (built on first call), or None where it cannot be built."""
-    global _lib
-    if _lib is None:
-        lib = build("llmclock_fused", _SRC)
-        if lib is not None:
-            i64, ptr, c_int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
-            lib.gelu_fwd.argtypes = [ptr, ptr, i64, c_int, c_int]
-            lib.gelu_bwd.argtypes = [ptr, ptr, ptr, i64, c_int, c_int]
-            lib.attn_fwd.argtypes = [ptr, i64, i64, i64, i64, ptr, ptr, c_int]
-            lib.attn_bwd.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, i64, ptr, c_int]
-            lib.ln_fwd.argtypes = [ptr, ptr, ptr, i64, i64, ctypes.c_float, ptr, ptr, ptr, c_int]
-            lib.ln_bwd.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, i64, ptr, ptr, ptr, ptr, c_int]
-            for f in (lib.gelu_fwd, lib.gelu_bwd, lib.attn_fwd, lib.attn_bwd, lib.ln_fwd, lib.ln_bwd):
-                f.restype = None
-        _lib = lib or False
-    return _lib or None
+_i64, _ptr, _int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
+_kernels = Library("llmclock_fused", _SRC, {
+    "gelu_fwd": [_ptr, _ptr, _i64, _int, _int],
+    "gelu_bwd": [_ptr, _ptr, _ptr, _i64, _int, _int],
+    "attn_fwd": [_ptr, _i64, _i64, _i64, _i64, _ptr, _ptr, _int],
+    "attn_bwd": [_ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, _ptr, _int],
+    "ln_fwd": [_ptr, _ptr, _ptr, _i64, _i64, ctypes.c_float, _ptr, _ptr, _ptr, _int],
+    "ln_bwd": [_ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _ptr, _ptr, _ptr, _ptr, _int],
+})
+get_lib = _kernels.get
+"""The compiled kernels (built on first call), or None where they cannot be built."""
 
 
 def _ok(*ts: torch.Tensor) -> bool:
@@ -397,7 +382,7 @@ class _Gelu(torch.autograd.Function):
     def forward(ctx, x, approx: int):
         x = x.contiguous()
         y = torch.empty_like(x)
-        _lib.gelu_fwd(x.data_ptr(), y.data_ptr(), x.numel(), approx, torch.get_num_threads())
+        get_lib().gelu_fwd(x.data_ptr(), y.data_ptr(), x.numel(), approx, torch.get_num_threads())
         ctx.save_for_backward(x)
         ctx.approx = approx
         return y
@@ -407,7 +392,7 @@ class _Gelu(torch.autograd.Function):
         (x,) = ctx.saved_tensors
         dy = dy.contiguous()
         dx = torch.empty_like(x)
-        _lib.gelu_bwd(x.data_ptr(), dy.data_ptr(), dx.data_ptr(), x.numel(), ctx.approx, torch.get_num_threads())
+        get_lib().gelu_bwd(x.data_ptr(), dy.data_ptr(), dx.data_ptr(), x.numel(), ctx.approx, torch.get_num_threads())
         return dx, None
 
 
@@ -419,7 +404,7 @@ class _CausalAttention(torch.autograd.Function):
         qkv = qkv.contiguous()
         y = torch.empty(B, T, C3 // 3)
         lse = torch.empty(B, n_head, T)
-        _lib.attn_fwd(qkv.data_ptr(), B, T, n_head, hs, y.data_ptr(), lse.data_ptr(), torch.get_num_threads())
+        get_lib().attn_fwd(qkv.data_ptr(), B, T, n_head, hs, y.data_ptr(), lse.data_ptr(), torch.get_num_threads())
         ctx.save_for_backward(qkv, y, lse)
         ctx.n_head = n_head
         return y
@@ -430,7 +415,7 @@ class _CausalAttention(torch.autograd.Function):
         B, T, C3 = qkv.shape
         dy = dy.contiguous()
         dqkv = torch.empty_like(qkv)
-        _lib.attn_bwd(qkv.data_ptr(), y.data_ptr(), lse.data_ptr(), dy.data_ptr(), B, T, ctx.n_head,
+        get_lib().attn_bwd(qkv.data_ptr(), y.data_ptr(), lse.data_ptr(), dy.data_ptr(), B, T, ctx.n_head,
                       C3 // 3 // ctx.n_head, dqkv.data_ptr(), torch.get_num_threads())
         return dqkv, None
 
@@ -442,7 +427,7 @@ class _LayerNorm(torch.autograd.Function):
         x = x.contiguous()
         n = x.numel() // C
         y, mean, rstd = torch.empty_like(x), torch.empty(n), torch.empty(n)
-        _lib.ln_fwd(x.data_ptr(), weight.data_ptr(), bias.data_ptr() if bias is not None else None, n, C, eps,
+        get_lib().ln_fwd(x.data_ptr(), weight.data_ptr(), bias.data_ptr() if bias is not None else None, n, C, eps,
                     y.data_ptr(), mean.data_ptr(), rstd.data_ptr(), torch.get_num_threads())
         ctx.save_for_backward(x, weight, mean, rstd)
         ctx.has_bias = bias is not None
@@ -458,8 +443,9 @@ class _LayerNorm(torch.autograd.Function):
         db = torch.zeros_like(weight) if ctx.has_bias else None
         nt = torch.get_num_threads()
         scratch = torch.empty(nt * 2 * C)
-        _lib.ln_bwd(x.data_ptr(), weight.data_ptr(), mean.data_ptr(), rstd.data_ptr(), dy.data_ptr(), mean.numel(), C,
-                    dx.data_ptr(), dw.data_ptr(), db.data_ptr() if db is not None else None, scratch.data_ptr(), nt)
+        get_lib().ln_bwd(x.data_ptr(), weight.data_ptr(), mean.data_ptr(), rstd.data_ptr(), dy.data_ptr(),
+                         mean.numel(), C, dx.data_ptr(), dw.data_ptr(), db.data_ptr() if db is not None else None,
+                         scratch.data_ptr(), nt)
         return dx, dw, db, None
 
 
@@ -467,8 +453,12 @@ class FusedLayerNorm(torch.nn.LayerNorm):
     """nn.LayerNorm through the fused kernel (fp32 CPU, width a multiple of 16), else torch's; the
     same parameters and state dict."""
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.fusable = len(self.normalized_shape) == 1 and self.normalized_shape[0] % 16 == 0  # the kernel's shapes
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if get_lib() is None or not _ok(x, self.weight) or len(self.normalized_shape) != 1 or x.size(-1) % 16:
+        if not self.fusable or get_lib() is None or not _ok(x, self.weight):
             return super().forward(x)
         return _LayerNorm.apply(x, self.weight, self.bias, self.eps)
 

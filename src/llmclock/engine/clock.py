@@ -129,7 +129,7 @@ def tick(plan: DecodePlan, cache: KVCache, tokens, pos, L: int, mask, probe: Pro
     n, nh, shape = tokens.size(0), plan.n_head, plan.shape
     C = shape[0]
     x = F.embedding(tokens, plan.wte) + F.embedding(pos, plan.wpe)  # (n, C)
-    rows = torch.arange(n, device=x.device)
+    rows = torch.arange(n, device=x.device) if attend is None else None  # slot index of each row, for cache writes
     if probe is not None:
         probe.mark("embed")
     for i, (w1, b1, e1, attn, proj, w2, b2, e2, fc, mproj) in enumerate(plan.layers):

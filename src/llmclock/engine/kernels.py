@@ -24,7 +24,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from ..cbuild import build
+from ..cbuild import Library
 
 PANEL = 32
 
@@ -145,30 +145,14 @@ extern "C" double stream_sum(const float* p, int64_t n, int nthreads) {
 }
 """
 
-_lib = None  # ctypes.CDLL, False when the build failed
-
-
-def _build():
-    """Compile _SRC once (see llmclock.cbuild); returns a CDLL with its signatures set, or None."""
-    lib = build("llmclock_kernels", _SRC)
-    if lib is None:
-        return None
-    i64, ptr, c_int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
-    lib.linear_panels.argtypes = [ptr, i64, i64, i64, ptr, i64, ptr, ptr, i64, c_int, c_int, c_int]
-    lib.linear_panels.restype = None
-    lib.stream_sum.argtypes = [ptr, i64, c_int]
-    lib.stream_sum.restype = ctypes.c_double
-    lib.attend_decode.argtypes = [ptr, i64, i64, i64, ptr, ptr, i64, ptr, ptr, c_int]
-    lib.attend_decode.restype = None
-    return lib
-
-
-def get_lib():
-    """The compiled kernel library (built on first call), or None if unavailable."""
-    global _lib
-    if _lib is None:
-        _lib = _build() or False
-    return _lib or None
+_i64, _ptr, _int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
+_kernels = Library("llmclock_kernels", _SRC, {
+    "linear_panels": [_ptr, _i64, _i64, _i64, _ptr, _i64, _ptr, _ptr, _i64, _int, _int, _int],
+    "stream_sum": [_ptr, _i64, _int],
+    "attend_decode": [_ptr, _i64, _i64, _i64, _ptr, _ptr, _i64, _ptr, _ptr, _int],
+}, restypes={"stream_sum": ctypes.c_double})
+get_lib = _kernels.get
+"""The compiled decode kernels (built on first call), or None where they cannot be built."""
 
 
 def measure_bandwidth(nbytes: int = 1 << 30, repeats: int = 5) -> float:
