@@ -93,6 +93,7 @@ def test_fused_model_equals_plain_model(activation, bias):
     fast = copy.deepcopy(plain)
     assert fused.fuse_cpu_ops(fast)
     assert list(fast.state_dict()) == list(plain.state_dict())
+    assert all(block.fused_forward is fused.block_forward for block in fast.transformer.h)
     x = torch.randint(0, 50, (3, 32))
     _, loss = plain(x, x)
     _, loss_f = fast(x, x)
@@ -110,3 +111,52 @@ def test_fuse_refuses_what_it_cannot_run(monkeypatch):
     model = GPT(cfg)
     assert not fused.fuse_cpu_ops(model)
     assert model.transformer.h[0].attn.fused_attention is None
+
+
+def _block(C, n_head, bias, activation, dropout=0.0):
+    from llmclock.model import Block
+
+    torch.manual_seed(C + n_head)
+    cfg = ModelConfig(vocab_size=50, block_size=80, n_layer=2, n_head=n_head, n_embd=C, dropout=dropout,
+                      activation=activation, bias=bias)
+    block = Block(cfg)
+    with torch.no_grad():
+        for p in block.parameters():  # away from the identity init, so every term shows in the result
+            p.add_(torch.randn_like(p) * 0.1)
+    return block
+
+
+@pytest.mark.parametrize("activation,bias", [("gelu_tanh", True), ("gelu", False)])
+@pytest.mark.parametrize("B,T,C,n_head", [(2, 17, 32, 2), (1, 64, 128, 4), (3, 5, 96, 1)])
+def test_block_kernel_equals_block(activation, bias, B, T, C, n_head):
+    block = _block(C, n_head, bias, activation)
+    x = torch.randn(B, T, C, generator=torch.Generator().manual_seed(T)) * 2
+    g = torch.randn(B, T, C, generator=torch.Generator().manual_seed(1))
+    results = []
+    for fast in (False, True):
+        block.zero_grad(set_to_none=True)
+        xi = x.clone().requires_grad_()
+        y = fused.block_forward(block, xi) if fast else block(xi)
+        if fast and fused.get_lib() is None:
+            pytest.skip("no C++ compiler")
+        assert y is not None, "the block kernel declined a shape it takes"
+        y.backward(g)
+        results.append([y.detach(), xi.grad] + [p.grad for p in block.parameters()])
+    names = ["y", "dx"] + [n for n, _ in block.named_parameters()]
+    for name, a, b in zip(names, *results):  # float rounding, relative to each tensor's scale
+        torch.testing.assert_close(b, a, atol=2e-6 * max(1.0, a.abs().max().item()), rtol=1e-4, msg=name)
+
+
+def test_block_kernel_declines_what_it_cannot_run(monkeypatch):
+    if fused.get_lib() is None:
+        pytest.skip("no C++ compiler")
+    x = torch.randn(2, 8, 32)
+    assert fused.block_forward(_block(32, 2, True, "gelu"), x) is not None
+    assert fused.block_forward(_block(40, 2, True, "gelu"), torch.randn(2, 8, 40)) is None  # width % 16
+    assert fused.block_forward(_block(48, 2, True, "gelu"), torch.randn(2, 8, 48)) is None  # head size 24
+    dropped = _block(32, 2, True, "gelu", dropout=0.1)
+    assert fused.block_forward(dropped, x) is None  # dropout while training
+    assert fused.block_forward(dropped.eval(), x) is not None  # no dropout in eval
+    assert fused.block_forward(_block(32, 2, True, "gelu").to(torch.bfloat16), x.bfloat16()) is None
+    monkeypatch.setattr(fused._kernels, "lib", False)
+    assert fused.block_forward(_block(32, 2, True, "gelu"), x) is None  # no compiler

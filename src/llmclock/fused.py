@@ -1,11 +1,18 @@
-"""Fused CPU kernels for the full-sequence forward and backward: causal attention, GELU, LayerNorm.
+"""Fused CPU kernels for the full-sequence forward and backward: whole blocks, and causal
+attention, GELU and LayerNorm on their own.
 
 Why (nanoGPT's CPU recipe: 4 layers, 128 wide, T=64, batch 12, 2 threads; measured here): a
-training step is ~60 ms, of which torch's matmuls take ~33 ms (~130 GFLOP/s, near what this CPU
-gives such small shapes), while causal SDPA forward + backward took ~8 ms, GELU ~6 ms and LayerNorm
-~2 ms for a few MFLOP and ~1.5 MB of activations each. These kernels do the same arithmetic in
-one pass per call (plain C++ with GCC vector types and OpenMP, built by llmclock.cbuild):
+training step through torch's ops was ~60 ms, of which the matmuls took ~30 ms at ~150 GFLOP/s,
+most of what this CPU gives (one 512-bit FMA per cycle per core, ~175 GFLOP/s on both cores), while
+causal SDPA forward + backward took ~8 ms, GELU ~6 ms, LayerNorm ~2 ms, and hundreds of small ops
+and autograd nodes several ms more. Here:
 
+  block      a whole transformer Block (LN, attention, projection, residual, LN, MLP, residual)
+             is one C call forward and one backward, so a step's block work is 8 calls instead of
+             ~300 dispatched ops. Matrix products go to the BLAS sgemm inside torch (MKL on x86
+             builds), biases and residual adds are folded into them (the output is pre-filled and
+             sgemm accumulates), and the forward keeps its activations in one buffer for the
+             backward. 1.16x a step through the separate kernels below (same process, alternating).
   attention  reads q, k and v in place from c_attn's (B, T, 3C) output (no split, no transposes),
              writes y as (B, T, C) for c_proj and keeps each row's log-sum-exp; the backward
              recomputes the probabilities from it (as FlashAttention does) and writes one
@@ -15,11 +22,11 @@ one pass per call (plain C++ with GCC vector types and OpenMP, built by llmclock
              exp / normal cdf (libmvec's measured slower here).
   layernorm  forward keeps mean and 1/std per row; backward in one pass per row.
 
-Measured in one process, alternating (bench-style A/B of whole training steps): ~5% off a step
-here; most of a step is matmuls. `fuse_cpu_ops(model)` installs them on a GPT whose parameters
-are fp32 on the CPU; each call then uses them whenever its inputs allow (fp32 CPU tensors, no
-cache, no attention dropout, head size a multiple of 16) and torch's ops otherwise, with the same
-results to float rounding (tests/test_fused.py). The model file stays plain PyTorch.
+`fuse_cpu_ops(model)` installs them on a GPT whose parameters are fp32 on the CPU; each call then
+uses the block kernel whenever its inputs allow (fp32 CPU tensors, no cache, no dropout while
+training, width and head size multiples of 16, heads up to 128, torch's sgemm found), else the
+separate kernels where they apply, else torch's ops, with the same results to float rounding
+(tests/test_fused.py). The model file stays plain PyTorch.
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ _SRC = r"""
 #include <stdlib.h>
 #include <string.h>
 #include <omp.h>
+#include <immintrin.h>
 typedef float vf __attribute__((vector_size(64)));
 static inline vf ld(const float* p) { vf v; memcpy(&v, p, 64); return v; }
 static inline void st(float* p, vf v) { memcpy(p, &v, 64); }
@@ -46,26 +54,44 @@ static inline void st(float* p, vf v) { memcpy(p, &v, 64); }
    also the density that the backward needs. */
 typedef int vi __attribute__((vector_size(64)));
 static inline vf splat(float a) { return (vf){} + a; }
+/* 1 / d: AVX-512's 14-bit reciprocal and one Newton step (~1 ulp), a quarter of a division's cost */
+static inline vf vrcp(vf d) {
+#ifdef __AVX512F__
+  const vf r = (vf)_mm512_rcp14_ps((__m512)d);
+  return r * (2.f - d * r);
+#else
+  return 1.f / d;
+#endif
+}
 
 static inline vf vexp(vf x) {
   const vi dead = x < -87.3f;  /* exp underflows to 0 below here */
+#ifdef __AVX512F__  /* the same steps in fewer instructions: max/min, roundscale, scalef */
+  x = (vf)_mm512_min_ps(_mm512_max_ps((__m512)x, (__m512)splat(-87.3f)), (__m512)splat(88.3f));
+  const vf n = (vf)_mm512_roundscale_ps((__m512)(x * 1.44269504088896341f), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+#else
   x = x < -87.3f ? splat(-87.3f) : x;
   x = x > 88.3f ? splat(88.3f) : x;  /* keeps 2^n finite (n <= 127); exp(88.3) = 2.1e38 */
   const vf n = (x * 1.44269504088896341f + 12582912.f) - 12582912.f;  /* round(x / ln 2) */
+#endif
   const vf r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
   vf p = splat(1.9875691500e-4f);
   p = p * r + 1.3981999507e-3f; p = p * r + 8.3334519073e-3f; p = p * r + 4.1665795894e-2f;
   p = p * r + 1.6666665459e-1f; p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.f;
+#ifdef __AVX512F__
+  return dead ? splat(0.f) : (vf)_mm512_scalef_ps((__m512)p, (__m512)n);  /* p 2^n */
+#else
   const vi e = (__builtin_convertvector(n, vi) + 127) << 23;  /* 2^n as float bits */
   vf scale;
   memcpy(&scale, &e, 64);
   return dead ? splat(0.f) : p * scale;
+#endif
 }
 static inline vf vphi(vf x, vf* pdf) {  /* standard normal cdf; its density too if pdf */
   const vf z = (x < 0.f ? -x : x) * 0.7071067811865476f;
   const vf ez2 = vexp(-z * z);
-  const vf t = 1.f / (1.f + 0.3275911f * z);
+  const vf t = vrcp(1.f + 0.3275911f * z);
   const vf poly = t * (0.254829592f + t * (-0.284496736f + t * (1.421413741f + t * (-1.453152027f + t * 1.061405429f))));
   const vf c = 0.5f * poly * ez2;  /* P(N > |x|) = erfc(z) / 2 */
   if (pdf) *pdf = ez2 * 0.3989422804014327f;
@@ -76,12 +102,12 @@ static inline vf vphi(vf x, vf* pdf) {  /* standard normal cdf; its density too 
    tanh u is near -1 (u = sqrt(2/pi) (x + 0.044715 x^3)); its derivative 0.5 (1 - tanh^2 u) = 2 s (1 - s). */
 static inline vf e_minus_2u(vf x) { return vexp(-1.5957691216057308f * (x + 0.044715f * x * x * x)); }
 static inline vf gelu_v(vf x, int approx) {
-  if (approx) return x / (1.f + e_minus_2u(x));
+  if (approx) return x * vrcp(1.f + e_minus_2u(x));
   return x * vphi(x, 0);
 }
 static inline vf gelu_grad_v(vf x, int approx) {
   if (approx) {
-    const vf e = e_minus_2u(x), s = 1.f / (1.f + e);
+    const vf e = e_minus_2u(x), s = vrcp(1.f + e);
     return s + 2.f * x * s * (e * s) * 0.7978845608028654f * (1.f + 0.134145f * x * x);
   }
   vf pdf;
@@ -213,6 +239,14 @@ static void ab_causal(const float* W, int64_t ldw, const float* R, int64_t ldr, 
   }
 }
 
+/* row i of a score tile: -inf after the diagonal, in the 16 columns ending at Lp = pad16(i + 1). One
+   vector store, so the vector loads that follow are forwarded from it (scalar stores would stall them). */
+static inline void causal_mask(float* row, int64_t Lp, int64_t i) {
+  const vf lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+  const int64_t j0 = Lp - 16;
+  st(row + j0, lane + (float)j0 > (float)i ? splat(-INFINITY) : ld(row + j0));
+}
+
 /* T rows of hs floats (row stride ld_src) transposed -> cols (hs, Tp), zero past T */
 static void gather_cols(const float* src, int64_t T, int64_t ld_src, int64_t hs, float* cols, int64_t Tp) {
   for (int64_t t = 0; t < hs; ++t) {
@@ -232,7 +266,7 @@ static void attn_fwd_head(const float* base, int64_t T, int64_t C, float* y, flo
   for (int64_t i = 0; i < T; ++i) {  /* P = exp(S - max), unnormalised; 1/sum goes to the output */
     float* s = P + i * Tp;
     const int64_t Lp = pad16(i + 1);
-    for (int64_t j = i + 1; j < Lp; ++j) s[j] = -INFINITY;
+    causal_mask(s, Lp, i);
     vf vm = ld(s);
     for (int64_t j = 16; j < Lp; j += 16) { const vf x = ld(s + j); vm = x > vm ? x : vm; }
     const float m = hmax(vm);
@@ -263,13 +297,13 @@ static void attn_bwd_head(const float* base, const float* y, const float* lse, c
     const float D = hsum(dd), m = lse[i];
     float *p = P + i * Tp, *ds = dS + i * Tp;
     const int64_t Lp = pad16(i + 1);
-    for (int64_t j = i + 1; j < Lp; ++j) p[j] = -INFINITY;
+    causal_mask(p, Lp, i);
     for (int64_t j = 0; j < Lp; j += 16) {
       const vf e = vexp(ld(p + j) - m);
       st(p + j, e);
       st(ds + j, e * (ld(ds + j) - D));
     }
-    for (int64_t j = Lp; j < Tp; ++j) p[j] = ds[j] = 0.f;  /* read by the TRANS sums below */
+    for (int64_t j = Lp; j < Tp; j += 16) { st(p + j, (vf){}); st(ds + j, (vf){}); }  /* read by the TRANS sums below */
   }
   ab_causal<NV, false>(dS, Tp, base + C, 3 * C, T, scale, 0, dbase, 3 * C);     /* dQ = s dS K */
   ab_causal<NV, true>(dS, Tp, base, 3 * C, T, scale, 0, dbase + C, 3 * C);      /* dK = s dS^T Q */
@@ -298,10 +332,11 @@ extern "C" void ln_fwd(const float* x, const float* w, const float* b, int64_t n
   }
 }
 
-/* dx = rstd (g - mean(g) - xhat mean(g xhat)) with g = dy w; dw += sum dy xhat; db += sum dy.
-   scratch holds nthreads * 2C floats. */
+/* dx = dres + rstd (g - mean(g) - xhat mean(g xhat)) with g = dy w (dres, the gradient arriving by
+   a residual path, may be null); dw += sum dy xhat; db += sum dy. scratch holds nthreads * 2C floats. */
 extern "C" void ln_bwd(const float* x, const float* w, const float* mean, const float* rstd, const float* dy,
-                       int64_t n, int64_t C, float* dx, float* dw, float* db, float* scratch, int nthreads) {
+                       const float* dres, int64_t n, int64_t C, float* dx, float* dw, float* db, float* scratch,
+                       int nthreads) {
   const int nt = n * C > 32768 ? nthreads : 1;
   memset(scratch, 0, (size_t)nt * 2 * C * sizeof(float));
   #pragma omp parallel num_threads(nt)
@@ -321,8 +356,9 @@ extern "C" void ln_bwd(const float* x, const float* w, const float* mean, const 
       }
       const float mg = hsum(sg) / C, mgx = hsum(sgx) / C;
       float* d = dx + i * C;
+      const float* res = dres ? dres + i * C : 0;
       for (int64_t c = 0; c < C; c += 16)
-        st(d + c, r * (ld(g + c) * ld(w + c) - mg - (ld(xr + c) - m) * r * mgx));
+        st(d + c, (res ? ld(res + c) : (vf){}) + r * (ld(g + c) * ld(w + c) - mg - (ld(xr + c) - m) * r * mgx));
     }
   }
   for (int t = 0; t < nt; ++t)
@@ -358,17 +394,152 @@ extern "C" void attn_bwd(const float* qkv, const float* y, const float* lse, con
       BY_NV(BWD)
     }
 }
+
+/* ---- one transformer block, forward and backward, in one call each ----
+   x1 = x + Proj(Attn(LN1(x))),  out = x1 + Fc2(GELU(Fc(LN2(x1)))), every Linear y = a W^T + b with W
+   (out, in) as nn.Linear stores it. Matrix products go to the BLAS sgemm that torch itself uses
+   (handed over by set_sgemm, Fortran interface, column-major), the rest to the kernels above.
+   p[] holds the 12 parameters in Block's order (ln_1.w, ln_1.b, c_attn.w, c_attn.b, attn.c_proj.w,
+   attn.c_proj.b, ln_2.w, ln_2.b, c_fc.w, c_fc.b, mlp.c_proj.w, mlp.c_proj.b; biases may be null).
+   The forward keeps in s (the caller's buffer, block_saved_floats long) what the backward reads. */
+typedef void (*sgemm_fn)(const char*, const char*, const int*, const int*, const int*, const float*, const float*,
+                         const int*, const float*, const int*, const float*, float*, const int*);
+static sgemm_fn SGEMM = 0;
+extern "C" void set_sgemm(void* f) { SGEMM = (sgemm_fn)f; }
+
+/* row-major C (M, N) = A (M, K) W^T (+ C if beta), W (N, K): column-major C^T = W A^T */
+static void mm_abt(int M, int N, int K, const float* A, const float* W, float* C, float beta) {
+  const char t = 'T', n = 'N';
+  const float one = 1.f;
+  SGEMM(&t, &n, &N, &M, &K, &one, W, &K, A, &K, &beta, C, &N);
+}
+/* row-major C (M, N) = A (M, K) W, W (K, N) */
+static void mm_ab(int M, int N, int K, const float* A, const float* W, float* C) {
+  const char n = 'N';
+  const float one = 1.f, zero = 0.f;
+  SGEMM(&n, &n, &N, &M, &K, &one, W, &N, A, &K, &zero, C, &N);
+}
+/* row-major G (N, K) = D^T X, D (M, N), X (M, K): the weight gradient */
+static void mm_atb(int M, int N, int K, const float* D, const float* X, float* G) {
+  const char t = 'T', n = 'N';
+  const float one = 1.f, zero = 0.f;
+  SGEMM(&n, &t, &K, &N, &M, &one, X, &K, D, &N, &zero, G, &K);
+}
+/* y rows = (res rows or 0) + b (n rows of N); b null: a copy of res, or zeros */
+static void rows_plus_bias(float* y, const float* res, const float* b, int64_t n, int64_t N, int nthreads) {
+  #pragma omp parallel for schedule(static) num_threads(n * N > 32768 ? nthreads : 1)
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t c = 0; c < N; c += 16) {
+      const int64_t m = N - c < 16 ? N - c : 16;
+      stn(y + i * N + c, (res ? ldn(res + i * N + c, m) : (vf){}) + (b ? ldn(b + c, m) : (vf){}), m);
+    }
+}
+/* db = column sums of d (n rows of N); per-thread partials in scratch (nthreads * N floats) */
+static void colsum(const float* d, int64_t n, int64_t N, float* db, float* scratch, int nthreads) {
+  const int nt = n * N > 32768 ? nthreads : 1;
+  memset(scratch, 0, (size_t)nt * N * sizeof(float));
+  #pragma omp parallel num_threads(nt)
+  {
+    float* part = scratch + (int64_t)omp_get_thread_num() * N;
+    #pragma omp for schedule(static)
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t c = 0; c < N; c += 16) {
+        const int64_t m = N - c < 16 ? N - c : 16;
+        stn(part + c, ldn(part + c, m) + ldn(d + i * N + c, m), m);
+      }
+  }
+  for (int64_t c = 0; c < N; ++c) {
+    float acc = 0.f;
+    for (int t = 0; t < nt; ++t) acc += scratch[t * N + c];
+    db[c] = acc;
+  }
+}
+
+/* the saved activations, in floats: l1 x1 l2 att (n C each), qkv (n 3C), h g (n 4C each),
+   mean/rstd of both norms (4n), lse (B nh T = n nh) */
+extern "C" int64_t block_saved_floats(int64_t B, int64_t T, int64_t C, int64_t nh) {
+  const int64_t n = B * T;
+  return n * (4 * C + 3 * C + 8 * C + 4 + nh);
+}
+struct Saved { float *l1, *x1, *l2, *att, *qkv, *h, *g, *m1, *r1, *m2, *r2, *lse; };
+static Saved carve(float* s, int64_t n, int64_t C) {
+  Saved v;
+  v.l1 = s; v.x1 = v.l1 + n * C; v.l2 = v.x1 + n * C; v.att = v.l2 + n * C; v.qkv = v.att + n * C;
+  v.h = v.qkv + 3 * n * C; v.g = v.h + 4 * n * C; v.m1 = v.g + 4 * n * C; v.r1 = v.m1 + n; v.m2 = v.r1 + n;
+  v.r2 = v.m2 + n; v.lse = v.r2 + n;
+  return v;
+}
+
+extern "C" void block_fwd(const float* x, const float* const* p, int64_t B, int64_t T, int64_t C, int64_t nh,
+                          float eps, int approx, float* out, float* s, int nthreads) {
+  const int64_t n = B * T;
+  const int N = (int)n, c = (int)C;
+  const Saved v = carve(s, n, C);
+  ln_fwd(x, p[0], p[1], n, C, eps, v.l1, v.m1, v.r1, nthreads);
+  if (p[3]) rows_plus_bias(v.qkv, 0, p[3], n, 3 * C, nthreads);
+  mm_abt(N, 3 * c, c, v.l1, p[2], v.qkv, p[3] ? 1.f : 0.f);
+  attn_fwd(v.qkv, B, T, nh, C / nh, v.att, v.lse, nthreads);
+  rows_plus_bias(v.x1, x, p[5], n, C, nthreads);
+  mm_abt(N, c, c, v.att, p[4], v.x1, 1.f);
+  ln_fwd(v.x1, p[6], p[7], n, C, eps, v.l2, v.m2, v.r2, nthreads);
+  if (p[9]) rows_plus_bias(v.h, 0, p[9], n, 4 * C, nthreads);
+  mm_abt(N, 4 * c, c, v.l2, p[8], v.h, p[9] ? 1.f : 0.f);
+  gelu_fwd(v.h, v.g, n * 4 * C, approx, nthreads);
+  rows_plus_bias(out, v.x1, p[11], n, C, nthreads);
+  mm_abt(N, c, 4 * c, v.g, p[10], out, 1.f);
+}
+
+/* dout (n, C) -> dx (n, C) and the 12 gradients in gr[] (Block's order; a null bias has a null
+   gradient). work holds n (4C + 3C + C) + nthreads 4C floats. */
+extern "C" void block_bwd(const float* x, const float* const* p, const float* s, const float* dout, int64_t B,
+                          int64_t T, int64_t C, int64_t nh, int approx, float* dx, float* const* gr, float* work,
+                          int nthreads) {
+  const int64_t n = B * T;
+  const int N = (int)n, c = (int)C;
+  const Saved v = carve((float*)s, n, C);
+  float *dh = work, *dqkv = dh + 4 * n * C, *dl = dqkv + 3 * n * C, *scratch = dl + n * C;
+  float *dx1 = dx, *datt = dl;  /* dx holds dx1 until the last step adds LN1's part in place */
+  /* out = x1 + g Wq^T + bq */
+  mm_atb(N, c, 4 * c, dout, v.g, gr[10]);
+  if (gr[11]) colsum(dout, n, C, gr[11], scratch, nthreads);
+  mm_ab(N, 4 * c, c, dout, p[10], dh);
+  gelu_bwd(v.h, dh, dh, n * 4 * C, approx, nthreads);
+  /* h = l2 Wf^T + bf */
+  mm_atb(N, 4 * c, c, dh, v.l2, gr[8]);
+  if (gr[9]) colsum(dh, n, 4 * C, gr[9], scratch, nthreads);
+  mm_ab(N, c, 4 * c, dh, p[8], dl);
+  memset(gr[6], 0, C * sizeof(float));
+  if (gr[7]) memset(gr[7], 0, C * sizeof(float));
+  ln_bwd(v.x1, p[6], v.m2, v.r2, dl, dout, n, C, dx1, gr[6], gr[7], scratch, nthreads);
+  /* x1 = x + att Wp^T + bp */
+  mm_atb(N, c, c, dx1, v.att, gr[4]);
+  if (gr[5]) colsum(dx1, n, C, gr[5], scratch, nthreads);
+  mm_ab(N, c, c, dx1, p[4], datt);
+  attn_bwd(v.qkv, v.att, v.lse, datt, B, T, nh, C / nh, dqkv, nthreads);
+  /* qkv = l1 Wa^T + ba */
+  mm_atb(N, 3 * c, c, dqkv, v.l1, gr[2]);
+  if (gr[3]) colsum(dqkv, n, 3 * C, gr[3], scratch, nthreads);
+  mm_ab(N, c, 3 * c, dqkv, p[2], dl);
+  memset(gr[0], 0, C * sizeof(float));
+  if (gr[1]) memset(gr[1], 0, C * sizeof(float));
+  ln_bwd(x, p[0], v.m1, v.r1, dl, dx1, n, C, dx, gr[0], gr[1], scratch, nthreads);
+}
 """
 
 _i64, _ptr, _int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
+_ptrs = ctypes.POINTER(ctypes.c_void_p)  # an array of pointers
 _kernels = Library("llmclock_fused", _SRC, {
     "gelu_fwd": [_ptr, _ptr, _i64, _int, _int],
     "gelu_bwd": [_ptr, _ptr, _ptr, _i64, _int, _int],
     "attn_fwd": [_ptr, _i64, _i64, _i64, _i64, _ptr, _ptr, _int],
     "attn_bwd": [_ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, _ptr, _int],
     "ln_fwd": [_ptr, _ptr, _ptr, _i64, _i64, ctypes.c_float, _ptr, _ptr, _ptr, _int],
-    "ln_bwd": [_ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _ptr, _ptr, _ptr, _ptr, _int],
-})
+    "ln_bwd": [_ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _ptr, _ptr, _ptr, _ptr, _int],
+    "set_sgemm": [_ptr],
+    "block_saved_floats": [_i64, _i64, _i64, _i64],
+    "block_fwd": [_ptr, _ptrs, _i64, _i64, _i64, _i64, ctypes.c_float, _int, _ptr, _ptr, _int],
+    "block_bwd": [_ptr, _ptrs, _ptr, _ptr, _i64, _i64, _i64, _i64, _int, _ptr, _ptrs, _ptr, _int],
+}, restypes={"block_saved_floats": _i64})
 get_lib = _kernels.get
 """The compiled kernels (built on first call), or None where they cannot be built."""
 
@@ -443,7 +614,7 @@ class _LayerNorm(torch.autograd.Function):
         db = torch.zeros_like(weight) if ctx.has_bias else None
         nt = torch.get_num_threads()
         scratch = torch.empty(nt * 2 * C)
-        get_lib().ln_bwd(x.data_ptr(), weight.data_ptr(), mean.data_ptr(), rstd.data_ptr(), dy.data_ptr(),
+        get_lib().ln_bwd(x.data_ptr(), weight.data_ptr(), mean.data_ptr(), rstd.data_ptr(), dy.data_ptr(), None,
                          mean.numel(), C, dx.data_ptr(), dw.data_ptr(), db.data_ptr() if db is not None else None,
                          scratch.data_ptr(), nt)
         return dx, dw, db, None
@@ -490,12 +661,95 @@ def causal_attention(qkv: torch.Tensor, n_head: int) -> torch.Tensor:
     return _CausalAttention.apply(qkv, n_head)
 
 
+_sgemm: bool | None = None  # whether torch's BLAS sgemm was found and handed to the kernels
+
+
+def _blas_ready() -> bool:
+    """Hand the kernels torch's own BLAS `sgemm_` (MKL in x86 builds of torch, exported by
+    libtorch_cpu), once; False where the kernels or that symbol are missing."""
+    global _sgemm
+    lib = get_lib()
+    if lib is None:
+        return False
+    if _sgemm is None:
+        import os
+
+        try:
+            cpu = ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so"))
+            lib.set_sgemm(ctypes.cast(cpu.sgemm_, ctypes.c_void_p).value)
+            _sgemm = True
+        except (OSError, AttributeError):
+            _sgemm = False
+    return _sgemm
+
+
+def _block_params(block) -> list:
+    """A Block's 12 parameters in the kernel's order (None for an absent bias)."""
+    a, m = block.attn, block.mlp
+    return [block.ln_1.weight, block.ln_1.bias, a.c_attn.weight, a.c_attn.bias, a.c_proj.weight, a.c_proj.bias,
+            block.ln_2.weight, block.ln_2.bias, m.c_fc.weight, m.c_fc.bias, m.c_proj.weight, m.c_proj.bias]
+
+
+def _addresses(ts) -> ctypes.Array:
+    return (ctypes.c_void_p * len(ts))(*[None if t is None else t.data_ptr() for t in ts])
+
+
+class _Block(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, n_head: int, eps: float, approx: int, *params):
+        B, T, C = x.shape
+        x = x.contiguous()
+        lib = get_lib()
+        saved = torch.empty(lib.block_saved_floats(B, T, C, n_head))
+        out = torch.empty_like(x)
+        lib.block_fwd(x.data_ptr(), _addresses(params), B, T, C, n_head, eps, approx, out.data_ptr(),
+                      saved.data_ptr(), torch.get_num_threads())
+        ctx.save_for_backward(x, saved, *params)
+        ctx.n_head, ctx.approx = n_head, approx
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        x, saved, *params = ctx.saved_tensors
+        B, T, C = x.shape
+        nt = torch.get_num_threads()
+        dout = dout.contiguous()
+        dx = torch.empty_like(x)
+        grads = [None if p is None else torch.empty_like(p) for p in params]
+        work = torch.empty(B * T * 8 * C + nt * 4 * C)
+        get_lib().block_bwd(x.data_ptr(), _addresses(params), saved.data_ptr(), dout.data_ptr(), B, T, C, ctx.n_head,
+                            ctx.approx, dx.data_ptr(), _addresses(grads), work.data_ptr(), nt)
+        return (dx, None, None, None, *grads)
+
+
+def block_forward(block, x: torch.Tensor) -> torch.Tensor | None:
+    """A whole Block (attention and MLP with their norms and residual adds) as one kernel call each
+    way; None where the kernel does not apply (then the Block runs op by op): anything but fp32 CPU
+    tensors, a width or head size that is not a multiple of 16 (or a head over 128), dropout while
+    training, LayerNorms without weights or with different eps, or no BLAS found."""
+    attn, mlp = block.attn, block.mlp
+    params = _block_params(block)
+    C = x.size(-1)
+    hs = C // attn.n_head
+    dropout = block.training and (attn.attn_dropout > 0 or attn.resid_dropout.p > 0 or mlp.dropout.p > 0)
+    if (
+        dropout or x.dim() != 3 or C % 16 or hs % 16 or hs > 128 or not _blas_ready()
+        or block.ln_1.weight is None or block.ln_2.weight is None or block.ln_1.eps != block.ln_2.eps
+        or mlp.c_fc.weight.shape != (4 * C, C) or x.numel() * 4 >= 2**31
+        or not _ok(x, *(p for p in params if p is not None))
+        or not all(p.is_contiguous() for p in params if p is not None)
+    ):
+        return None
+    return _Block.apply(x, attn.n_head, block.ln_1.eps, int(mlp.approximate == "tanh"), *params)
+
+
 def fuse_cpu_ops(model: torch.nn.Module) -> bool:
     """Route every block of `model` (a GPT) through the fused kernels; False (model unchanged) when
     they cannot be built or the parameters are not fp32 on the CPU."""
     if get_lib() is None or not all(_ok(p) for p in model.parameters()):
         return False
     for block in model.transformer.h:
+        block.fused_forward = block_forward
         block.attn.fused_attention = causal_attention
         block.mlp.act = gelu
         block.ln_1, block.ln_2 = FusedLayerNorm.of(block.ln_1), FusedLayerNorm.of(block.ln_2)

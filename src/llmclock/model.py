@@ -75,8 +75,15 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config)
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias)
         self.mlp = MLP(config)
+        # Optional whole-block kernel for the cache-free path, (block, x) -> y, or None where it does
+        # not apply; set by llmclock.fused.fuse_cpu_ops. None: op by op.
+        self.fused_forward = None
 
     def forward(self, x: torch.Tensor, kv=None, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        if kv is None and self.fused_forward is not None:
+            y = self.fused_forward(self, x)
+            if y is not None:
+                return y
         x = x + self.attn(self.ln_1(x), kv, attn_mask)
         return x + self.mlp(self.ln_2(x))
 
