@@ -127,7 +127,7 @@ def _block(C, n_head, bias, activation, dropout=0.0):
 
 
 @pytest.mark.parametrize("activation,bias", [("gelu_tanh", True), ("gelu", False)])
-@pytest.mark.parametrize("B,T,C,n_head", [(2, 17, 32, 2), (1, 64, 128, 4), (3, 5, 96, 1)])
+@pytest.mark.parametrize("B,T,C,n_head", [(2, 17, 32, 2), (1, 64, 128, 4), (2, 33, 128, 2), (3, 5, 96, 1)])
 def test_block_kernel_equals_block(activation, bias, B, T, C, n_head):
     block = _block(C, n_head, bias, activation)
     x = torch.randn(B, T, C, generator=torch.Generator().manual_seed(T)) * 2

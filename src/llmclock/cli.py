@@ -264,7 +264,8 @@ def _add_train_args(p) -> None:
     g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     g.add_argument("--compile", action="store_true")
     g.add_argument("--no-fused-kernels", action="store_true",
-                   help="torch ops only (default on CPU fp32: llmclock's attention/GELU/LayerNorm kernels)")
+                   help="torch ops only (default on CPU fp32: llmclock's compiled whole-block, attention, GELU "
+                   "and LayerNorm kernels)")
     g.add_argument("--device", default="auto")
 
 

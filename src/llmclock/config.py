@@ -150,7 +150,7 @@ class TrainConfig:
     compile: bool = False
     """torch.compile the model."""
     fused_kernels: bool = True
-    """On the CPU in float32 without compile: llmclock's compiled attention, GELU and LayerNorm kernels."""
+    """On the CPU in float32 without compile: llmclock's compiled whole-block, attention, GELU and LayerNorm kernels."""
     device: str = "auto"
     """cpu, cuda, cuda:N or auto."""
 

@@ -68,7 +68,8 @@ static inline vf vexp(vf x) {
   const vi dead = x < -87.3f;  /* exp underflows to 0 below here */
 #ifdef __AVX512F__  /* the same steps in fewer instructions: max/min, roundscale, scalef */
   x = (vf)_mm512_min_ps(_mm512_max_ps((__m512)x, (__m512)splat(-87.3f)), (__m512)splat(88.3f));
-  const vf n = (vf)_mm512_roundscale_ps((__m512)(x * 1.44269504088896341f), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const vf n = (vf)_mm512_roundscale_ps((__m512)(x * 1.44269504088896341f),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);  /* round(x / ln 2) */
 #else
   x = x < -87.3f ? splat(-87.3f) : x;
   x = x > 88.3f ? splat(88.3f) : x;  /* keeps 2^n finite (n <= 127); exp(88.3) = 2.1e38 */
@@ -455,6 +456,16 @@ static void colsum(const float* d, int64_t n, int64_t N, float* db, float* scrat
   }
 }
 
+/* a Linear's backward, y = x W^T (+ b) with W (out, in) over n rows: dW = dy^T x (and db), dx = dy W.
+   (Running the two products side by side, one thread each, measured no faster than one after the
+   other with both threads each.) */
+static void linear_bwd(int n, int out, int in, const float* dy, const float* x, const float* W, float* dW, float* db,
+                       float* dx, float* scratch, int nthreads) {
+  mm_atb(n, out, in, dy, x, dW);
+  if (db) colsum(dy, n, out, db, scratch, nthreads);
+  mm_ab(n, in, out, dy, W, dx);
+}
+
 /* the saved activations, in floats: l1 x1 l2 att (n C each), qkv (n 3C), h g (n 4C each),
    mean/rstd of both norms (4n), lse (B nh T = n nh) */
 extern "C" int64_t block_saved_floats(int64_t B, int64_t T, int64_t C, int64_t nh) {
@@ -500,26 +511,18 @@ extern "C" void block_bwd(const float* x, const float* const* p, const float* s,
   float *dh = work, *dqkv = dh + 4 * n * C, *dl = dqkv + 3 * n * C, *scratch = dl + n * C;
   float *dx1 = dx, *datt = dl;  /* dx holds dx1 until the last step adds LN1's part in place */
   /* out = x1 + g Wq^T + bq */
-  mm_atb(N, c, 4 * c, dout, v.g, gr[10]);
-  if (gr[11]) colsum(dout, n, C, gr[11], scratch, nthreads);
-  mm_ab(N, 4 * c, c, dout, p[10], dh);
+  linear_bwd(N, c, 4 * c, dout, v.g, p[10], gr[10], gr[11], dh, scratch, nthreads);
   gelu_bwd(v.h, dh, dh, n * 4 * C, approx, nthreads);
   /* h = l2 Wf^T + bf */
-  mm_atb(N, 4 * c, c, dh, v.l2, gr[8]);
-  if (gr[9]) colsum(dh, n, 4 * C, gr[9], scratch, nthreads);
-  mm_ab(N, c, 4 * c, dh, p[8], dl);
+  linear_bwd(N, 4 * c, c, dh, v.l2, p[8], gr[8], gr[9], dl, scratch, nthreads);
   memset(gr[6], 0, C * sizeof(float));
   if (gr[7]) memset(gr[7], 0, C * sizeof(float));
   ln_bwd(v.x1, p[6], v.m2, v.r2, dl, dout, n, C, dx1, gr[6], gr[7], scratch, nthreads);
   /* x1 = x + att Wp^T + bp */
-  mm_atb(N, c, c, dx1, v.att, gr[4]);
-  if (gr[5]) colsum(dx1, n, C, gr[5], scratch, nthreads);
-  mm_ab(N, c, c, dx1, p[4], datt);
+  linear_bwd(N, c, c, dx1, v.att, p[4], gr[4], gr[5], datt, scratch, nthreads);
   attn_bwd(v.qkv, v.att, v.lse, datt, B, T, nh, C / nh, dqkv, nthreads);
   /* qkv = l1 Wa^T + ba */
-  mm_atb(N, 3 * c, c, dqkv, v.l1, gr[2]);
-  if (gr[3]) colsum(dqkv, n, 3 * C, gr[3], scratch, nthreads);
-  mm_ab(N, c, 3 * c, dqkv, p[2], dl);
+  linear_bwd(N, 3 * c, c, dqkv, v.l1, p[2], gr[2], gr[3], dl, scratch, nthreads);
   memset(gr[0], 0, C * sizeof(float));
   if (gr[1]) memset(gr[1], 0, C * sizeof(float));
   ln_bwd(x, p[0], v.m1, v.r1, dl, dx1, n, C, dx, gr[0], gr[1], scratch, nthreads);
