@@ -190,7 +190,9 @@ def main() -> None:
         # The machine's speed drifts over minutes: the reference runs before and after ours.
         ref_before = reference_run("before")
         r = run_child("llmclock", tmp / "data", args)
-        ref_s = (ref_before + reference_run("after")) / 2
+        ref_after = reference_run("after")
+        ref_s = (ref_before + ref_after) / 2
+    drift = max(ref_before, ref_after) / min(ref_before, ref_after) - 1 if args.ref_iters else 0.0
     steps, wall, val = r["steps"], r["wall"], r["val"]
     ms, ms_whole = r["loop_ms"], 1000 * wall / steps
     tps = tokens_per_iter / ms * 1000
@@ -203,7 +205,11 @@ def main() -> None:
     print(f"  vs in-run reference (mean of before and after, {1000 * ref_s:.2f} ms/iter): {1000 * ref_s / ms:.2f}x "
           f"(whole call: {1000 * ref_s / ms_whole:.2f}x); vs nanoGPT's {NANOGPT_TOKENS_PER_S:,.0f} tokens/s: "
           f"{tps / NANOGPT_TOKENS_PER_S:.2f}x")
+    if drift > 0.25:
+        print(f"  WARNING: the reference's speed moved {100 * drift:.0f}% between its two runs (the machine's "
+              "load changed); the ratio above is not to be trusted, run again")
     print(f"RESULT ms_per_iter={ms:.3f} tokens_per_s={tps:.1f} val_loss={val:.4f}")
+
 
 if __name__ == "__main__":
     sys.exit(main())

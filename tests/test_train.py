@@ -91,3 +91,16 @@ def test_torchrun_two_processes(tmp_path, data_dir):
     assert p.returncode == 0, p.stderr[-2000:]
     state = json.loads((tmp_path / "ddp" / "ckpt" / "train_state.json").read_text())
     assert state["step"] == 4 and state["tokens_seen"] == 4 * 2 * 16 * 2
+
+
+def test_keep_freed_memory(monkeypatch):
+    from llmclock import threads
+
+    for key in ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "GLIBC_TUNABLES"):
+        monkeypatch.delenv(key, raising=False)
+    if not sys.platform.startswith("linux"):
+        assert not threads.keep_freed_memory()
+        return
+    assert threads.keep_freed_memory()  # glibc took both settings
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "131072")  # the user's own choice wins
+    assert not threads.keep_freed_memory()

@@ -23,6 +23,7 @@ from .errors import LLMClockError
 from .evaluate import evaluate
 from .fused import fuse_cpu_ops
 from .model import GPT
+from .threads import keep_freed_memory
 
 
 @dataclass
@@ -157,6 +158,8 @@ def train(
     link = out_dir / "ckpt"
     device = resolve_device(cfg.device)
     dist, device = init_distributed(device)
+    if device.type == "cpu":
+        keep_freed_memory()  # no page faults for each step's activations (threads.py)
     if cfg.block_size > model_config.block_size:
         raise LLMClockError(
             f"block size {cfg.block_size} is larger than the model's context ({model_config.block_size})"
