@@ -136,7 +136,8 @@ def reference(model_config: ModelConfig, cfg: TrainConfig, data: TokenData, iter
 
 
 def run_llmclock(model_config: ModelConfig, cfg: TrainConfig, data: TokenData, out_dir: Path) -> dict:
-    """`llmclock.train.train` as `llmclock train` runs it, timed over the whole call."""
+    """`llmclock.train.train` as `llmclock train` runs it: the whole call timed here, the loop by
+    the trainer (TrainResult.ms_per_step)."""
     step_times: list[float] = []
     t0 = time.perf_counter()
     res = train(model_config, cfg, data, out_dir, progress=False,
@@ -181,6 +182,7 @@ def main() -> None:
         tokens_per_iter = cfg.batch_size * cfg.block_size
         print(f"data {args.data}: {data.num_tokens('train'):,} train / {data.num_tokens('val'):,} val tokens, "
               f"vocab {tok.vocab_size}; torch {torch.__version__}, {torch.get_num_threads()} threads")
+
         def reference_run(when: str) -> float:
             ref = run_child("reference", tmp / "data", args)["s_per_iter"] if args.ref_iters else float("nan")
             print(f"reference {when} (eager nanoGPT loop in its own process, {args.ref_iters} iters): "

@@ -27,7 +27,7 @@ def _cpu_id() -> str:
         return os.uname().machine
 
 
-def build(name: str, src: str, libs: tuple[str, ...] = ()) -> ctypes.CDLL | None:
+def build(name: str, src: str) -> ctypes.CDLL | None:
     """Compile `src` (C++ with extern "C" entry points) into `<cache>/<name>/<name>_<key>.so` unless
     it is there already, and load it; None when LLMCLOCK_NO_CKERNELS is set, there is no compiler,
     or the build fails."""
@@ -36,8 +36,7 @@ def build(name: str, src: str, libs: tuple[str, ...] = ()) -> ctypes.CDLL | None
     cxx = os.environ.get("CXX", "g++")
     if shutil.which(cxx) is None:
         return None
-    flags = [*FLAGS, *(f"-l{lib}" for lib in libs)]
-    tag = hashlib.sha1((src + " ".join(flags) + cxx + _cpu_id()).encode()).hexdigest()[:16]
+    tag = hashlib.sha1((src + " ".join(FLAGS) + cxx + _cpu_id()).encode()).hexdigest()[:16]
     from torch.utils.cpp_extension import get_default_build_root
 
     d = os.path.join(os.environ.get("TORCH_EXTENSIONS_DIR", get_default_build_root()), name)
@@ -50,8 +49,7 @@ def build(name: str, src: str, libs: tuple[str, ...] = ()) -> ctypes.CDLL | None
                 with open(path, "w") as f:
                     f.write(src)
                 out = os.path.join(tmp, "k.so")
-                # The source before the flags: -l options must follow the objects that use them.
-                subprocess.run([cxx, path, *flags, "-o", out], check=True, capture_output=True, timeout=120)
+                subprocess.run([cxx, path, *FLAGS, "-o", out], check=True, capture_output=True, timeout=120)
                 os.replace(out, so)  # atomic: concurrent builders are safe
         return ctypes.CDLL(so)
     except (OSError, subprocess.SubprocessError):
@@ -62,13 +60,16 @@ class Library:
     """A kernel source built and loaded on first use, with its entry points' ctypes signatures.
 
     `signatures` maps each extern "C" function to its argument types (ctypes), `restypes` those
-    that return something to the return type (the rest return void). `get()` returns the loaded
-    CDLL, or None where it cannot be built; the outcome is kept in `lib` (None: not tried yet,
-    False: failed), so a failed build is not retried.
+    that return something to the return type (the rest return void), and `on_load(lib)`, if given,
+    runs once after loading (to hand the library what it needs from elsewhere). `get()` returns the
+    loaded CDLL, or None where it cannot be built; the outcome is kept in `lib` (None: not tried
+    yet, False: failed), so a failed build is not retried.
     """
 
-    def __init__(self, name: str, src: str, signatures: dict[str, list], restypes: dict | None = None):
+    def __init__(self, name: str, src: str, signatures: dict[str, list], restypes: dict | None = None,
+                 on_load=None):
         self.name, self.src, self.signatures, self.restypes = name, src, signatures, restypes or {}
+        self.on_load = on_load
         self.lib: ctypes.CDLL | bool | None = None
 
     def get(self) -> ctypes.CDLL | None:
@@ -78,5 +79,7 @@ class Library:
                 for fn, argtypes in self.signatures.items():
                     getattr(lib, fn).argtypes = argtypes
                     getattr(lib, fn).restype = self.restypes.get(fn)
+                if self.on_load is not None:
+                    self.on_load(lib)
             self.lib = lib or False
         return self.lib or None

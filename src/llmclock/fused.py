@@ -32,6 +32,7 @@ separate kernels where they apply, else torch's ops, with the same results to fl
 from __future__ import annotations
 
 import ctypes
+import os
 
 import torch
 import torch.nn.functional as F
@@ -407,6 +408,7 @@ typedef void (*sgemm_fn)(const char*, const char*, const int*, const int*, const
                          const int*, const float*, const int*, const float*, float*, const int*);
 static sgemm_fn SGEMM = 0;
 extern "C" void set_sgemm(void* f) { SGEMM = (sgemm_fn)f; }
+extern "C" int has_sgemm() { return SGEMM != 0; }
 
 /* row-major C (M, N) = A (M, K) W^T (+ C if beta), W (N, K): column-major C^T = W A^T */
 static void mm_abt(int M, int N, int K, const float* A, const float* W, float* C, float beta) {
@@ -500,8 +502,13 @@ extern "C" void block_fwd(const float* x, const float* const* p, int64_t B, int6
   mm_abt(N, c, 4 * c, v.g, p[10], out, 1.f);
 }
 
+/* the backward's scratch, in floats: dh (n 4C), dqkv (n 3C), dl (n C), and nthreads 4C for the
+   per-thread partial sums of the bias and LayerNorm gradients */
+extern "C" int64_t block_work_floats(int64_t B, int64_t T, int64_t C, int nthreads) {
+  return B * T * 8 * C + (int64_t)nthreads * 4 * C;
+}
 /* dout (n, C) -> dx (n, C) and the 12 gradients in gr[] (Block's order; a null bias has a null
-   gradient). work holds n (4C + 3C + C) + nthreads 4C floats. */
+   gradient); work is block_work_floats long. */
 extern "C" void block_bwd(const float* x, const float* const* p, const float* s, const float* dout, int64_t B,
                           int64_t T, int64_t C, int64_t nh, int approx, float* dx, float* const* gr, float* work,
                           int nthreads) {
@@ -529,6 +536,16 @@ extern "C" void block_bwd(const float* x, const float* const* p, const float* s,
 }
 """
 
+def _hand_over_sgemm(lib: ctypes.CDLL) -> None:
+    """Give the kernels torch's own BLAS `sgemm_` (MKL in x86 builds of torch, exported by
+    libtorch_cpu); without it (other builds) has_sgemm() stays 0 and blocks run op by op."""
+    try:
+        cpu = ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so"))
+        lib.set_sgemm(ctypes.cast(cpu.sgemm_, ctypes.c_void_p).value)
+    except (OSError, AttributeError):
+        pass
+
+
 _i64, _ptr, _int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
 _ptrs = ctypes.POINTER(ctypes.c_void_p)  # an array of pointers
 _kernels = Library("llmclock_fused", _SRC, {
@@ -539,10 +556,12 @@ _kernels = Library("llmclock_fused", _SRC, {
     "ln_fwd": [_ptr, _ptr, _ptr, _i64, _i64, ctypes.c_float, _ptr, _ptr, _ptr, _int],
     "ln_bwd": [_ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _ptr, _ptr, _ptr, _ptr, _int],
     "set_sgemm": [_ptr],
+    "has_sgemm": [],
     "block_saved_floats": [_i64, _i64, _i64, _i64],
+    "block_work_floats": [_i64, _i64, _i64, _int],
     "block_fwd": [_ptr, _ptrs, _i64, _i64, _i64, _i64, ctypes.c_float, _int, _ptr, _ptr, _int],
     "block_bwd": [_ptr, _ptrs, _ptr, _ptr, _i64, _i64, _i64, _i64, _int, _ptr, _ptrs, _ptr, _int],
-}, restypes={"block_saved_floats": _i64})
+}, restypes={"has_sgemm": _int, "block_saved_floats": _i64, "block_work_floats": _i64}, on_load=_hand_over_sgemm)
 get_lib = _kernels.get
 """The compiled kernels (built on first call), or None where they cannot be built."""
 
@@ -664,26 +683,10 @@ def causal_attention(qkv: torch.Tensor, n_head: int) -> torch.Tensor:
     return _CausalAttention.apply(qkv, n_head)
 
 
-_sgemm: bool | None = None  # whether torch's BLAS sgemm was found and handed to the kernels
-
-
 def _blas_ready() -> bool:
-    """Hand the kernels torch's own BLAS `sgemm_` (MKL in x86 builds of torch, exported by
-    libtorch_cpu), once; False where the kernels or that symbol are missing."""
-    global _sgemm
+    """Whether the kernels are built and hold torch's sgemm (the block kernel's products)."""
     lib = get_lib()
-    if lib is None:
-        return False
-    if _sgemm is None:
-        import os
-
-        try:
-            cpu = ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so"))
-            lib.set_sgemm(ctypes.cast(cpu.sgemm_, ctypes.c_void_p).value)
-            _sgemm = True
-        except (OSError, AttributeError):
-            _sgemm = False
-    return _sgemm
+    return lib is not None and bool(lib.has_sgemm())
 
 
 def _block_params(block) -> list:
@@ -719,9 +722,10 @@ class _Block(torch.autograd.Function):
         dout = dout.contiguous()
         dx = torch.empty_like(x)
         grads = [None if p is None else torch.empty_like(p) for p in params]
-        work = torch.empty(B * T * 8 * C + nt * 4 * C)
-        get_lib().block_bwd(x.data_ptr(), _addresses(params), saved.data_ptr(), dout.data_ptr(), B, T, C, ctx.n_head,
-                            ctx.approx, dx.data_ptr(), _addresses(grads), work.data_ptr(), nt)
+        lib = get_lib()
+        work = torch.empty(lib.block_work_floats(B, T, C, nt))
+        lib.block_bwd(x.data_ptr(), _addresses(params), saved.data_ptr(), dout.data_ptr(), B, T, C, ctx.n_head,
+                      ctx.approx, dx.data_ptr(), _addresses(grads), work.data_ptr(), nt)
         return (dx, None, None, None, *grads)
 
 

@@ -56,7 +56,9 @@ def config_from_hf(d: dict, source: Path) -> ModelConfig:
     g = HF_DEFAULTS | d
     act = g.get("activation_function", "gelu_new")
     if act not in ACTIVATIONS:
-        raise LLMClockError(f"{source}: activation_function {act!r} is not supported (need one of {tuple(ACTIVATIONS)})")
+        raise LLMClockError(
+            f"{source}: activation_function {act!r} is not supported (need one of {tuple(ACTIVATIONS)})"
+        )
     n_inner = g.get("n_inner")
     if n_inner is not None and n_inner != 4 * g["n_embd"]:
         raise LLMClockError(f"{source}: n_inner={n_inner} is not 4 * n_embd; llmclock's MLP is 4x wide")
@@ -189,7 +191,8 @@ def hf_config(config: ModelConfig, eot_id: int | None) -> dict:
         "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
         "vocab_size": config.vocab_size, "n_positions": config.block_size, "n_embd": config.n_embd,
         "n_layer": config.n_layer, "n_head": config.n_head, "n_inner": None,
-        "activation_function": "gelu_new" if config.activation == "gelu_tanh" else "gelu", "layer_norm_epsilon": config.layer_norm_epsilon,
+        "activation_function": "gelu_new" if config.activation == "gelu_tanh" else "gelu",
+        "layer_norm_epsilon": config.layer_norm_epsilon,
         "resid_pdrop": config.dropout, "embd_pdrop": config.dropout, "attn_pdrop": config.dropout,
         "initializer_range": 0.02, "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False,
         "reorder_and_upcast_attn": False, "use_cache": True, "bos_token_id": eot_id, "eos_token_id": eot_id,

@@ -24,7 +24,6 @@ def prefer_spinning_threads() -> bool:
     if "OMP_WAIT_POLICY" in os.environ or "torch" in sys.modules:
         return False
     os.environ["OMP_WAIT_POLICY"] = "ACTIVE"
-    os.environ["LLMCLOCK_SET_OMP_WAIT_POLICY"] = "1"  # so child processes can tell it was ours
     return True
 
 
