@@ -15,6 +15,7 @@ import sys
 
 from ..errors import LLMClockError
 from . import engine_cmds, hf_cmds, train_cmds
+from .common import printable
 
 COMMANDS = [
     train_cmds.add_demo,
@@ -58,7 +59,7 @@ def _line(message: str, *, own_line: bool = False) -> None:
         sys.stdout.flush()
     except (OSError, ValueError):
         pass
-    sys.stderr.write(("\n" if own_line and sys.stderr.isatty() else "") + message + "\n")
+    sys.stderr.write(("\n" if own_line and sys.stderr.isatty() else "") + printable(message) + "\n")
     sys.stderr.flush()
 
 

@@ -99,7 +99,15 @@ def escaped(value: str) -> str:
 
 
 def nonempty(value: str) -> str:
+    """Non-empty text (valid UTF-8)."""
     value = text(value)
+    if not value:
+        raise argparse.ArgumentTypeError("must not be empty")
+    return value
+
+
+def path(value: str) -> str:
+    """A non-empty path (any bytes: a file name need not be UTF-8)."""
     if not value:
         raise argparse.ArgumentTypeError("must not be empty")
     return value
