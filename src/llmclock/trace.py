@@ -180,6 +180,8 @@ class Tracer:
 
     def end(self, events: list, logits: torch.Tensor, logprobs: torch.Tensor) -> None:
         self.mark("post")  # the engine's own bookkeeping after sampling: detokenise, stop checks
+        if not events:  # the cycle only advanced a long prompt's prefill: no token, no record
+            return
         t_in = perf_counter()
         n, k, kl = len(events), self.top_n, max(self.top_n, 1)
         lp = logprobs.float()  # (n, V): the model's own distribution

@@ -24,8 +24,9 @@ from .sequence import Completion, Event, Sequence
 
 
 DEFAULT_BATCHED_TOKENS = 128
-"""Tokens per cycle (ticks + prompt chunks) unless the engine is given another budget: on two CPU
-cores a cycle of 8 ticks and a 120-token prompt chunk takes about as long as ~4 plain ticks."""
+"""Tokens per cycle (ticks + prompt chunks) unless the engine is given another budget. It trades a
+new prompt's time to first token (a prompt over the budget takes several cycles) against how long
+a cycle with a prompt in it keeps the running sequences waiting (bench/batching.py measures both)."""
 
 
 class Engine:

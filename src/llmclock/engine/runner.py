@@ -192,6 +192,15 @@ class ModelRunner:
             self.cache.lengths[s.slot] = s.position + 1
         return logits if rows is None else logits[rows]
 
+    def memory(self) -> dict[str, int]:
+        """Bytes decoding holds: the model's weights, the packed copies of its linears, the KV cache."""
+        packed = sum(f.packed.nbytes for f in {id(f): f for layer in self.plan.layers for f in
+                     (layer.c_attn, layer.attn_proj, layer.c_fc, layer.mlp_proj)}.values() if f.packed is not None)
+        if self.plan.head.packed is not None:
+            packed += self.plan.head.packed.nbytes
+        weights = sum(p.nbytes for p in self.model.parameters())  # the tied head counted once
+        return {"weights": weights, "packed copies": packed, "kv cache": self.cache.nbytes}
+
     def release(self, slot: int) -> None:
         self.cache.lengths[slot] = 0
 
