@@ -192,7 +192,8 @@ def add_config_flags(group, cls, names: dict[str, str | None], *, types: dict | 
             help_ += f" (default: {default:g})" if isinstance(default, float) else f" (default: {default})"
         if name in cls.RANGES:
             help_ += f" [{cls.RANGES[name].describe()}]"
-        group.add_argument(flag, dest=name, type=kind, help=help_.replace("%", "%%"))
+        group.add_argument(flag, dest=name, type=kind, metavar=flag.removeprefix("--").replace("-", "_").upper(),
+                           help=help_.replace("%", "%%"))
 
 
 def explicit_fields(cls, a: argparse.Namespace, names=None) -> dict:
