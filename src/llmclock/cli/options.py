@@ -5,7 +5,7 @@ A type raises argparse.ArgumentTypeError; the parser then prints `llmclock: erro
 field's type, its Range, its docstring as help and its default, so a flag accepts exactly what
 the field does and no default is written twice.
 
-A new subcommand uses them like this (see `commands.py` for the real ones):
+A new subcommand uses them like this (the real ones: train_cmds.py, engine_cmds.py, hf_cmds.py):
 
     def add_frob(sub) -> None:
         p = sub.add_parser("frob", help="...")
