@@ -171,7 +171,16 @@ def _given_model(a) -> dict:
 def _model_config(a, vocab_size: int, train_block: int) -> ModelConfig:
     from ..config import preset
 
-    return preset(a.preset or "nano", vocab_size=vocab_size, **{"block_size": train_block, **_given_model(a)})
+    name, given = a.preset or "nano", _given_model(a)
+    shape = {**PRESETS[PRESET_ALIASES.get(name, name)], **given}
+    if shape["n_embd"] % shape["n_head"]:  # said with the flags (or the preset) that set each number
+
+        def said(field: str) -> str:
+            flag = MODEL_FLAGS.get(field) or "--" + field.replace("_", "-")
+            return f"{flag} {shape[field]}" if field in given else f"the {name} preset's {field} {shape[field]}"
+
+        raise LLMClockError(f"{said('n_embd')} is not divisible by {said('n_head')}")
+    return preset(name, vocab_size=vocab_size, **{"block_size": train_block, **given})
 
 
 def _flag_of(name: str, flags: dict) -> str:
