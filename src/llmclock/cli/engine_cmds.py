@@ -80,11 +80,11 @@ def cmd_generate(a) -> None:
     params = sampling(a)
     engine = _engine(a)
     params.check_vocab(engine.model.config.vocab_size)
-    runs = [(prompt, i) for prompt in a.prompt for i in range(a.num_samples)]
-    for prompt, i in runs:
+    runs = [(k, prompt, i) for k, prompt in enumerate(a.prompt, 1) for i in range(a.num_samples)]
+    for k, prompt, i in runs:
         p = params if params.seed is None else dataclasses.replace(params, seed=params.seed + i)
         if len(runs) > 1:
-            echo(f"--- prompt {a.prompt.index(prompt) + 1}" + (f", sample {i + 1}" if a.num_samples > 1 else ""))
+            echo(f"--- prompt {k}" + (f", sample {i + 1}" if a.num_samples > 1 else ""))
         given = len(engine.tokenizer.encode(prompt))
         seq = engine.add(prompt, p, truncate=a.truncate)
         echo(prompt if len(seq.prompt_ids) == given else engine.tokenizer.decode(seq.prompt_ids), end="")
