@@ -131,6 +131,15 @@ def _finite(v: float) -> float:
 
 
 def plot_waveform(records, path: str | Path, title: str = "") -> Path | None:
+    """The clock waveform (see `waveform_figure`) as a PNG; None when there are no records."""
+    fig = waveform_figure(records, title)
+    if fig is None:
+        return None
+    fig.savefig(path, dpi=110)
+    return Path(path)
+
+
+def waveform_figure(records, title: str = ""):
     """Per-cycle latency (stacked by stage), logprob and entropy as strips under the emitted tokens.
 
     One colour per slot (tokens, logprob and entropy lines, legend), stages in greys, prefill
@@ -160,7 +169,7 @@ def plot_waveform(records, path: str | Path, title: str = "") -> Path | None:
 
     ax = axes[0]
     for r in records:
-        if (r.cycle - lo) % stride == 0 or r.finish_reason:
+        if (r.cycle - lo) % stride == 0:
             ax.text(r.cycle, r.slot, _show(r.token), ha="center", va="center", fontsize=7, rotation=90,
                     family="monospace", color=colors[r.slot], clip_on=True)
     ax.set_ylim(max(slots) + 0.5, min(slots) - 0.5)
@@ -198,8 +207,7 @@ def plot_waveform(records, path: str | Path, title: str = "") -> Path | None:
         axes[1].text(prefills[0], 1.0, "prefill", transform=axes[1].get_xaxis_transform(), ha="center",
                      va="bottom", fontsize=7, color="#a0522d")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    return Path(path)
+    return fig
 
 
 # ---------------------------------------------------------------- terminal summary
