@@ -122,7 +122,7 @@ def serving(model, tok, **cfg):
 
 @pytest.fixture(scope="module")
 def srv(model, bpe_tok):
-    with serving(model, bpe_tok, api_keys=[KEY], queue=32) as s:
+    with serving(model, bpe_tok, api_keys=[KEY], queue=32, max_tokens=200) as s:
         yield s
 
 
@@ -356,6 +356,7 @@ BAD = [
     ("/v1/completions", {"prompt": ["a", "b", "c"], "n": 2}, 400),
     ("/v1/completions", {"prompt": "x", "max_tokens": 10_000}, 400),  # beyond the context
     ("/v1/completions", {"prompt": "x", "max_tokens": 0}, 400),
+    ("/v1/completions", {"prompt": "x", "max_tokens": 201}, 400),  # beyond the server's cap (200)
     ("/v1/completions", {"prompt": "x", "logit_bias": {"abc": 1}}, 400),
     ("/v1/completions", {"prompt": "x", "logit_bias": {"99999": 1}}, 400),
     ("/v1/completions", {"prompt": [99999]}, 400),

@@ -44,7 +44,7 @@ def build_router(auth) -> APIRouter:
         texts = [p if isinstance(p, str) else None for p in prompts]
         if s.config.redact_prompts:
             prompts = [redact(p) if isinstance(p, str) else p for p in prompts]
-        return await _serve(request, body, "completion", prompts, texts, body.max_tokens or 16, [],
+        return await _serve(request, body, "completion", prompts, texts, body.max_tokens or min(16, s.config.max_tokens or 16), [],
                             body.logprobs is not None, body.logprobs or 0)
 
     @router.post("/v1/chat/completions", response_model=ChatResponse)
@@ -76,7 +76,10 @@ async def _serve(request: Request, body, kind: str, prompts: list, texts: list, 
     if choices > s.config.max_n:
         raise APIError(400, f"n x prompts = {choices} choices; this server allows at most {s.config.max_n}", param="n")
     ids = [p if not isinstance(p, str) else engine.tokenizer.encode(p) for p in prompts]
-    V, ctx = engine.model.config.vocab_size, engine.max_len
+    V, ctx, cap = engine.model.config.vocab_size, engine.max_len, s.config.max_tokens
+    if cap and max_tokens and max_tokens > cap:
+        raise APIError(400, f"max_tokens is {max_tokens}; this server generates at most {cap} tokens per choice",
+                       param="max_tokens")
     for p in ids:
         if not p:
             raise APIError(400, "the prompt is empty after tokenisation", param="prompt")
@@ -92,7 +95,7 @@ async def _serve(request: Request, body, kind: str, prompts: list, texts: list, 
     params = []
     try:
         for p in ids:
-            base = s.sampling(body, max_tokens or ctx - len(p), stop + extra_stop, top)
+            base = s.sampling(body, max_tokens or min(cap or ctx, ctx - len(p)), stop + extra_stop, top)
             params += choice_params(base, body.n)
     except LLMClockError as e:
         raise APIError(400, str(e).removeprefix("sampling: ")) from None

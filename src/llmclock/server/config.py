@@ -36,6 +36,8 @@ class ServerConfig:
     """Requests per minute per key (per client address when no keys are set); 0 = unlimited."""
     tpm: int = 0
     """Tokens (prompt + max_tokens) per minute per key; 0 = unlimited."""
+    max_tokens: int = 0
+    """Most tokens one choice may generate (also the default when a request names none); 0 = the context."""
     max_body: int = 1 << 20
     """Largest request body in bytes; beyond: 413."""
     cors_origins: list[str] = field(default_factory=list)
@@ -58,7 +60,7 @@ class ServerConfig:
         for name in ("slots", "max_n", "max_body"):
             if getattr(self, name) < 1:
                 raise LLMClockError(f"serve: {name} must be >= 1, got {getattr(self, name)}")
-        for name in ("queue", "rpm", "tpm", "threads"):
+        for name in ("queue", "rpm", "tpm", "threads", "max_tokens"):
             if getattr(self, name) < 0:
                 raise LLMClockError(f"serve: {name} must be >= 0, got {getattr(self, name)}")
         if self.redact_prompts:

@@ -32,6 +32,8 @@ class Metrics:
                                        registry=r)
         self.rejected = Counter("llmclock_rejected", "Requests refused before admission, by reason",
                                 ["reason"], registry=r)
+        for reason in ("auth", "rate_limit", "queue_full", "draining"):
+            self.rejected.labels(reason)  # export zeros, so rates exist before the first refusal
         self.ready = Gauge("llmclock_ready", "1 once the model is loaded and the engine runs", registry=r)
         self._window: collections.deque[tuple[float, int]] = collections.deque()
         self._lock = threading.Lock()
