@@ -68,7 +68,7 @@ def test_schemathesis_finds_no_server_errors(model, bpe_tok, tmp_path):  # noqa:
     assert "No issues found" in run.stdout or "passed" in run.stdout, run.stdout[-3000:]
     statuses = re.findall(r'llmclock_requests_total\{route="([^"]+)",status="(\d+)"\} (\S+)', served)
     assert sum(float(n) for r, code, n in statuses if r.startswith("/v1/")) > 50  # it really called the API
-    assert not [(r, code) for r, code, _ in statuses if code.startswith("5")]
+    assert not [(r, code) for r, code, _ in statuses if code.startswith("5") and r != "/ready"]  # /ready: 503 while loading
 
 
 @pytest.fixture
