@@ -231,12 +231,13 @@ def test_trace_over_http(srv):
 # ------------------------------------------------------------------------------ batching, disconnects
 
 
-def test_disconnect_frees_the_slot_within_two_cycles(srv):
+def test_disconnect_frees_the_slot_within_two_cycles(srv, bpe_tok):
     eng = srv.state.engine
     srv.slow(0.02)
     try:
         with srv.http(headers={"Authorization": f"Bearer {KEY}"}) as c:
-            body = {"prompt": PROMPTS[0], "max_tokens": 200, "temperature": 0, "stream": True}
+            body = {"prompt": PROMPTS[0], "max_tokens": 200, "temperature": 0, "stream": True,
+                    "logit_bias": {str(bpe_tok.eot_id): -100}}
             with c.stream("POST", "/v1/completions", json=body) as s:
                 lines = s.iter_lines()
                 while not next(lines).startswith("data: {"):
@@ -255,8 +256,9 @@ def test_disconnect_frees_the_slot_within_two_cycles(srv):
 def test_full_queue_is_429_with_retry_after(model, bpe_tok):
     with serving(model, bpe_tok, slots=1, queue=0) as s:
         s.slow(0.02)
+        no_eot = {str(bpe_tok.eot_id): -100}  # so it cannot end early
         with s.http() as c, c.stream("POST", "/v1/completions", json={
-                "prompt": "x", "max_tokens": 100, "stream": True}) as first:
+                "prompt": "x", "max_tokens": 100, "stream": True, "logit_bias": no_eot}) as first:
             next(first.iter_lines())
             r = c.post("/v1/completions", json={"prompt": "y", "max_tokens": 5})
             assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1

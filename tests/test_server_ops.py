@@ -7,6 +7,7 @@ under CI (env CI set) it fails instead.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -128,3 +129,64 @@ def test_playground_streams_and_shows_the_clock(browser, model, bpe_tok):  # noq
         Select(find(By.ID, "colour")).select_by_value("latency")
         assert cells[3].value_of_css_property("background-color") != before or len(set(
             c.value_of_css_property("background-color") for c in cells)) > 1
+
+
+@pytest.mark.slow
+def test_llmclock_serve_answers_then_drains_on_sigterm(model, bpe_tok, tmp_path):  # noqa: F811
+    import signal
+
+    from llmclock.checkpoint import write_checkpoint
+    from llmclock.server.run import listen
+
+    ckpt = tmp_path / "run" / "ckpt"
+    write_checkpoint(ckpt, model, bpe_tok)
+    keys = tmp_path / "keys.txt"
+    keys.write_text(f"# test key\n{KEY}\n")
+    with listen("127.0.0.1", 0) as sock:
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "llmclock", "serve", "--ckpt", str(ckpt), "--port", str(port), "--slots", "4",
+           "--api-keys-file", str(keys), "--redact", "--drain-timeout", "120", "--threads", "1"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                if httpx.get(url + "/ready", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        assert httpx.get(url + "/ready", timeout=5).json()["model"] == "run"
+        headers = {"Authorization": f"Bearer {KEY}"}
+        body = {"prompt": "First", "max_tokens": 40, "temperature": 0, "stream": True,
+                "logit_bias": {str(bpe_tok.eot_id): -100}, "user": "mail me at x@y.org"}
+        with httpx.stream("POST", url + "/v1/completions", json=body, headers=headers, timeout=120) as r:
+            lines = r.iter_lines()
+            assert next(lines).startswith("data: {")
+            proc.send_signal(signal.SIGTERM)  # mid-stream: the server must finish this response
+            rest = [x for x in lines if x]
+        assert rest[-1] == "data: [DONE]"
+        assert json.loads(rest[-2][6:])["choices"][0]["finish_reason"] == "length"
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err[-2000:]
+    assert f"serving run on http://127.0.0.1:{port}" in out
+    access = [json.loads(x) for x in err.splitlines() if x.startswith('{"ts"') and '"path"' in x]
+    assert any(a["path"] == "/v1/completions" and a["status"] == 200 and a["completion_tokens"] == 40 for a in access)
+    assert KEY not in err
+
+
+def test_serve_command_rejects_bad_input(tmp_path):
+    from llmclock.cli import main
+
+    (tmp_path / "keys").write_text("short\n")
+    for argv in (["serve", "--ckpt", str(tmp_path / "missing")],
+                 ["serve", "--ckpt", str(tmp_path), "--slots", "0"],
+                 ["serve", "--ckpt", str(tmp_path), "--port", "70000"],
+                 ["serve", "--ckpt", str(tmp_path), "--api-keys-file", str(tmp_path / "nokeys")],
+                 ["serve", "--ckpt", str(tmp_path), "--api-keys-file", str(tmp_path / "keys")]):
+        with pytest.raises(SystemExit) if "--slots" in argv or "--port" in argv else contextlib.nullcontext():
+            assert main(argv) != 0

@@ -56,7 +56,9 @@ class Server:
             if self.model is None:
                 from ..checkpoint import load_checkpoint
 
-                self.model, self.tokenizer = load_checkpoint(self.config.ckpt, device=self.config.device)
+                from ..config import resolve_device
+
+                self.model, self.tokenizer = load_checkpoint(self.config.ckpt, device=resolve_device(self.config.device))
             engine = Engine(self.model, self.tokenizer, slots=self.config.slots)
             self.loop = EngineLoop(engine, self.metrics, queue=self.config.queue)
             self.loop.start()

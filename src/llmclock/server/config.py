@@ -5,7 +5,9 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
+from ..config import Range, check_ranges
 from ..errors import LLMClockError
 
 KEYS_ENV = "LLMCLOCK_API_KEYS"
@@ -54,19 +56,19 @@ class ServerConfig:
     """torch threads for the engine; 0 = torch's default."""
     device: str = "cpu"
 
+    RANGES: ClassVar[dict[str, Range]] = {
+        "port": Range(int, 0, 65535), "slots": Range(int, 1, 4096), "queue": Range(int, 0, 1_000_000),
+        "max_n": Range(int, 1, 128), "rpm": Range(int, 0), "tpm": Range(int, 0), "max_tokens": Range(int, 0),
+        "max_body": Range(int, 1), "drain_timeout": Range(float, 0, 3600), "threads": Range(int, 0, 4096),
+    }
+
     def __post_init__(self) -> None:
-        if not 0 <= self.port <= 65535:
-            raise LLMClockError(f"serve: port must be in 0..65535, got {self.port}")
-        for name in ("slots", "max_n", "max_body"):
-            if getattr(self, name) < 1:
-                raise LLMClockError(f"serve: {name} must be >= 1, got {getattr(self, name)}")
-        for name in ("queue", "rpm", "tpm", "threads", "max_tokens"):
-            if getattr(self, name) < 0:
-                raise LLMClockError(f"serve: {name} must be >= 0, got {getattr(self, name)}")
+        check_ranges(self, "serve")
         if self.redact_prompts:
             self.redact = True
-        if self.model_name is None:
-            self.model_name = Path(self.ckpt).resolve().name if self.ckpt else "llmclock"
+        if self.model_name is None:  # runs/demo/ckpt -> "demo"
+            path = Path(self.ckpt).absolute() if self.ckpt else None
+            self.model_name = "llmclock" if path is None else path.parent.name if path.name == "ckpt" else path.name
 
     def keys(self) -> list[str]:
         """Every API key configured, from all three sources; empty means no authentication."""

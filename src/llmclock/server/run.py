@@ -103,6 +103,7 @@ def draining_server(config, server_state):
             if server_state.loop is not None:
                 server_state.loop.draining = True
             super().handle_exit(sig, frame)
+            getattr(self, "_captured_signals", []).clear()  # drained: exit 0 rather than re-raise the signal afterwards
 
         def stop_now(self):
             self.should_exit = True
