@@ -1,6 +1,6 @@
 """Serving: continuous batching over HTTP vs one request at a time vs the engine called directly.
 
-    python bench/serve.py [--ckpt DIR] [--seconds 8] [--threads 2] [--max-tokens 48]
+    python bench/serve.py [--ckpt DIR] [--seconds 8] [--threads 1] [--max-tokens 48]
 
 Without --ckpt, trains the `demo` model on the embedded corpus for --train-minutes first (a small
 trained model, so outputs look like text and end where the model ends them). Starts two servers
@@ -14,6 +14,9 @@ batching) and one with 1 slot (one request at a time, the rest queue). Then, in 
 Clients are asyncio + httpx in this process, each sending greedy streamed completions from a
 fixed list of prompts until the time is up; every token arrives as its own SSE chunk (logprobs=0),
 so time to first token (TTFT) and inter-token latency (ITL) are measured per token.
+Each server and the reference run torch with --threads threads (default 1: servers, reference and
+clients share the machine). Set LLMCLOCK_NO_CKERNELS=1 to run every side on torch's ops instead of
+the engine's compiled kernels.
 Targets: batching_gain_16 >= 4, p99_itl_16_vs_1 <= 3, http_vs_engine >= 0.9, errors = 0. Last line:
     RESULT batching_gain_16=<x> p99_itl_16_vs_1=<x> http_vs_engine=<x> errors=<n>
 """
@@ -27,7 +30,6 @@ import os
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -110,7 +112,14 @@ async def load(url: str, clients: int, seconds: float, max_tokens: int) -> dict:
 
 
 def engine_direct(ckpt: str, seconds: float, max_tokens: int, threads: int) -> dict:
-    """The reference: the same requests, one after another, on the engine in this process."""
+    """The reference, in its own process as the servers are: the same requests one after another."""
+    out = subprocess.run([sys.executable, __file__, "--engine-direct", "--ckpt", ckpt, "--seconds", str(seconds),
+                          "--max-tokens", str(max_tokens), "--threads", str(threads)],
+                         env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}, capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _engine_direct(ckpt: str, seconds: float, max_tokens: int, threads: int) -> dict:
     import torch
 
     from llmclock.checkpoint import load_checkpoint
@@ -142,6 +151,10 @@ def report(name: str, s: dict) -> float:
 
 
 def trained_checkpoint(minutes: float, out: Path) -> str:
+    """The demo model trained for `minutes` on the embedded corpus, kept in `out` and reused next time."""
+    if (out / "ckpt" / "model.safetensors").is_file():
+        print(f"reusing {out / 'ckpt'} (delete it to train again)", file=sys.stderr)
+        return str(out / "ckpt")
     from llmclock.demo import run_demo
 
     run = run_demo(out=str(out), minutes=minutes, preset_name="demo", vocab_size=4096, overwrite=True, seed=0,
@@ -153,12 +166,16 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--ckpt", help="checkpoint to serve (default: train the demo model for --train-minutes)")
     ap.add_argument("--train-minutes", type=float, default=1.0)
+    ap.add_argument("--run", default="runs/bench-serve", help="where the trained model is kept (and reused)")
     ap.add_argument("--seconds", type=float, default=8.0, help="each load phase runs this long")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads of each server and of the reference")
     ap.add_argument("--max-tokens", type=int, default=48)
+    ap.add_argument("--engine-direct", action="store_true", help=argparse.SUPPRESS)  # the reference's process
     args = ap.parse_args()
-    tmp = tempfile.TemporaryDirectory(prefix="llmclock-bench-serve-")
-    ckpt = args.ckpt or trained_checkpoint(args.train_minutes, Path(tmp.name) / "run")
+    if args.engine_direct:
+        print(json.dumps(_engine_direct(args.ckpt, args.seconds, args.max_tokens, args.threads)))
+        return
+    ckpt = args.ckpt or trained_checkpoint(args.train_minutes, Path(args.run))
     servers = [start_server(ckpt, slots, args.threads, queue=64) for slots in (16, 1)]
     try:
         for proc, url in servers:
@@ -182,7 +199,6 @@ def main() -> None:
                 proc.wait(30)
             except subprocess.TimeoutExpired:
                 proc.kill()
-        tmp.cleanup()
     errors = sum(s["errors"] for s in runs.values())
     gain = tps[16] / tps["serial"]
     itl = pct(runs[16]["itl"], .99) / pct(runs[1]["itl"], .99)
