@@ -60,7 +60,7 @@ class Server:
 
                 self.model, self.tokenizer = load_checkpoint(self.config.ckpt, device=resolve_device(self.config.device))
             engine = Engine(self.model, self.tokenizer, slots=self.config.slots)
-            self.loop = EngineLoop(engine, self.metrics, queue=self.config.queue)
+            self.loop = EngineLoop(engine, self.metrics, queue=self.config.queue, threads=self.config.threads)
             self.loop.start()
             self.engine = engine
             self.metrics.ready.set(1)

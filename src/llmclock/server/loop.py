@@ -50,8 +50,10 @@ class Job:
 
 
 class EngineLoop:
-    def __init__(self, engine, metrics=None, *, queue: int = 64, trace_top_n: int = 5):
+    def __init__(self, engine, metrics=None, *, queue: int = 64, trace_top_n: int = 5, threads: int = 0):
         self.engine, self.metrics, self.queue_limit = engine, metrics, queue
+        self.threads = threads
+        """torch threads for the engine thread (0 = torch's default); OpenMP keeps this per thread."""
         self.capacity = engine.slots + queue
         self._inbox: list[tuple[str, Job]] = []
         self._jobs: dict[str, tuple[Job, int]] = {}  # engine request id -> (job, choice index)
@@ -114,6 +116,10 @@ class EngineLoop:
     # ------------------------------------------------------------------ the engine thread
 
     def _run(self) -> None:
+        if self.threads:
+            import torch
+
+            torch.set_num_threads(self.threads)  # set here: a thread does not inherit another's setting
         eng = self.engine
         while True:
             with self._wake:
