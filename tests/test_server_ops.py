@@ -7,7 +7,6 @@ under CI (env CI set) it fails instead.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
@@ -179,14 +178,15 @@ def test_llmclock_serve_answers_then_drains_on_sigterm(model, bpe_tok, tmp_path)
     assert KEY not in err
 
 
-def test_serve_command_rejects_bad_input(tmp_path):
+def test_serve_command_rejects_bad_input(tmp_path, capsys):
     from llmclock.cli import main
 
     (tmp_path / "keys").write_text("short\n")
-    for argv in (["serve", "--ckpt", str(tmp_path / "missing")],
-                 ["serve", "--ckpt", str(tmp_path), "--slots", "0"],
-                 ["serve", "--ckpt", str(tmp_path), "--port", "70000"],
-                 ["serve", "--ckpt", str(tmp_path), "--api-keys-file", str(tmp_path / "nokeys")],
-                 ["serve", "--ckpt", str(tmp_path), "--api-keys-file", str(tmp_path / "keys")]):
-        with pytest.raises(SystemExit) if "--slots" in argv or "--port" in argv else contextlib.nullcontext():
-            assert main(argv) != 0
+    for argv, why in ((["--ckpt", str(tmp_path / "missing")], "not found"),
+                      (["--ckpt", str(tmp_path), "--slots", "0"], "--slots"),
+                      (["--ckpt", str(tmp_path), "--port", "70000"], "--port"),
+                      (["--ckpt", str(tmp_path), "--api-keys-file", str(tmp_path / "nokeys")], "keys file"),
+                      (["--ckpt", str(tmp_path), "--api-keys-file", str(tmp_path / "keys")], "at least 8")):
+        assert main(["serve", *argv]) != 0
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("llmclock: error:") and why in err[0], err
