@@ -57,3 +57,16 @@ def kernel_or_fallback(request, monkeypatch, module) -> bool:
         if module.get_lib() is None:
             pytest.skip("no C++ compiler")
     return request.param
+
+
+def requires_tool(*names: str) -> None:
+    """Skip when an external program is missing, but fail under CI (env CI set), where it must be installed."""
+    import os
+    import shutil
+
+    missing = [n for n in names if shutil.which(n) is None]
+    if missing:
+        msg = f"needs {', '.join(missing)} on PATH (.ci/run installs it)"
+        if os.environ.get("CI"):
+            pytest.fail(msg)
+        pytest.skip(msg)

@@ -14,7 +14,7 @@ import signal
 import sys
 
 from ..errors import LLMClockError
-from . import engine_cmds, hf_cmds, train_cmds
+from . import engine_cmds, hf_cmds, serve_cmds, train_cmds
 from .common import printable
 
 COMMANDS = [
@@ -29,6 +29,7 @@ COMMANDS = [
     engine_cmds.add_replay,
     hf_cmds.add_import_hf,
     hf_cmds.add_export_hf,
+    serve_cmds.add_serve,
 ]
 """Subcommands in `llmclock --help` order: each registers its parser on the subparsers object."""
 
