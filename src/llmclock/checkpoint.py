@@ -181,6 +181,7 @@ def read_config(ckpt: Path) -> ModelConfig:
         raise LLMClockError(f"checkpoint directory {ckpt} not found")
     path = ckpt / CONFIG
     d = read_json(path, missing="missing (not an llmclock checkpoint?)")
+    d.pop("compression", None)  # read by llmclock.compress (quantized / pruned checkpoints)
     if d.pop("format", None) != FORMAT or d.pop("architecture", None) != "gpt2":
         raise LLMClockError(
             f"{path}: not an llmclock GPT-2 checkpoint config (Hugging Face checkpoints: use `llmclock import-hf`)"
@@ -222,6 +223,12 @@ def load_checkpoint(ckpt: str | Path, device: str | torch.device = "cpu", *, wit
 
     ckpt = Path(ckpt)
     config = read_config(ckpt)
+    comp = read_json(ckpt / CONFIG).get("compression")
+    if comp is not None:  # quantized or pruned: its own module tree (llmclock.compress)
+        from .compress.model import load_compressed
+
+        model = load_compressed(ckpt, config, comp, device)
+        return model, (load_tokenizer(ckpt, config) if with_tokenizer else None)
     tensors = read_tensors(ckpt / WEIGHTS)
     with torch.device("meta"):
         model = GPT(config)
