@@ -226,7 +226,24 @@ def cmd_import_hf(a) -> None:
 def cmd_export_hf(a) -> None:
     from .hf import export_hf
 
-    _print(f"exported -> {export_hf(a.ckpt_dir, a.out_dir)}")
+    _print(f"exported -> {export_hf(a.ckpt_dir, a.out_dir, dequantize=a.dequantize)}")
+
+
+def cmd_compress(a) -> None:
+    from .compress import CompressConfig, check_device, compress, parse_prune
+    from .compress.report import measure_in_subprocess, table
+
+    cfg = CompressConfig(scheme=a.scheme, group=a.group, embeddings=a.embeddings, **parse_prune(a.prune),
+                         calib_batches=a.calib_batches, recover_steps=a.recover_steps, block_size=a.block_size)
+    check_device(cfg.scheme, a.device)
+    comp = compress(a.ckpt, a.out, cfg, data=a.data, progress=_print)
+    _print(f"compressed -> {a.out} ({', '.join(f'{k}={v}' for k, v in comp.items() if v is not None and k != 'source')})")
+    if a.no_report:
+        return
+    kw = dict(split=a.split, batches=a.eval_batches, block_size=a.block_size, threads=a.threads)
+    _print("measuring before and after (each in its own process) ...")
+    before = measure_in_subprocess(a.ckpt, a.data, **kw)
+    _print(table(before, measure_in_subprocess(a.out, a.data, **kw)))
 
 
 # ---------------------------------------------------------------- parser
@@ -386,7 +403,30 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export-hf", help="write a checkpoint in Hugging Face GPT-2 layout")
     p.add_argument("ckpt_dir")
     p.add_argument("out_dir")
+    p.add_argument("--dequantize", action="store_true", help="export a quantized checkpoint as fp32 weights")
     p.set_defaults(fn=cmd_export_hf)
+
+    p = sub.add_parser("compress", help="quantize (bf16, int8, int4) and prune a checkpoint; before -> after table")
+    p.add_argument("--ckpt", required=True)
+    p.add_argument("--out", required=True, help="new checkpoint directory")
+    p.add_argument("--scheme", default="int8", help="fp32 (pruning only), bf16, int8 (per output channel), "
+                   "int4 (symmetric, per group)")
+    p.add_argument("--group", type=int, default=64, help="int4 group size: 32, 64 or 128")
+    p.add_argument("--embeddings", default="fp32", help="fp32: keep the token table exact (default); "
+                   "tied: the token table is the quantized head, stored once")
+    p.add_argument("--prune", action="append", default=[], metavar="KIND:FRACTION",
+                   help="repeatable: mlp:0.25 (structured, MLP neurons), magnitude:0.5 (zeros, per layer), "
+                   "magnitude-global:0.5")
+    p.add_argument("--data", help="prepared data: calibration (val), fine-tune (train), the table's quality (test)")
+    p.add_argument("--calib-batches", type=int, default=8)
+    p.add_argument("--recover-steps", type=int, default=0, help="recovery fine-tune steps after pruning")
+    p.add_argument("--block-size", type=int, default=256)
+    p.add_argument("--split", default="test", help="held-out split for the table's perplexity and bits per byte")
+    p.add_argument("--eval-batches", type=int, default=8)
+    p.add_argument("--threads", type=int, help="torch threads for the table's decode measurements")
+    p.add_argument("--device", default="cpu", help="where the compressed model will run (checked)")
+    p.add_argument("--no-report", action="store_true", help="skip the before -> after measurements")
+    p.set_defaults(fn=cmd_compress)
     return ap
 
 

@@ -69,11 +69,37 @@ class CompressConfig:
         return bool(self.prune_mlp or self.recover_steps)
 
 
+PRUNE_KINDS = {"mlp": ("prune_mlp", None), "magnitude": ("sparsity", "layer"), "magnitude-global": ("sparsity", "global")}
+
+
+def parse_prune(specs: list[str]) -> dict:
+    """`--prune` specs ('mlp:0.25', 'magnitude:0.5', 'magnitude-global:0.5') -> CompressConfig fields."""
+    out: dict = {}
+    for spec in specs:
+        kind, _, value = spec.partition(":")
+        if kind not in PRUNE_KINDS:
+            raise LLMClockError(f"--prune {spec!r}: kind must be one of {', '.join(PRUNE_KINDS)} (as in mlp:0.25)")
+        try:
+            fraction = float(value)
+        except ValueError:
+            raise LLMClockError(f"--prune {spec!r}: expected KIND:FRACTION, e.g. {kind}:0.25") from None
+        field, scope = PRUNE_KINDS[kind]
+        if field in out:
+            raise LLMClockError(f"--prune {spec!r}: {field.replace('_', ' ')} given twice")
+        out[field] = fraction
+        if scope:
+            out["sparsity_scope"] = scope
+    return out
+
+
 def check_device(scheme: str, device: str) -> None:
     """Refuse a scheme the device cannot run."""
     import torch
 
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise LLMClockError(f"device {device!r}: compressed models run on cpu or cuda") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise LLMClockError(f"device {device!r}: CUDA is not available on this machine")
     if dev.type not in ("cpu", "cuda"):

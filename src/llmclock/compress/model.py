@@ -173,6 +173,31 @@ def load_compressed(ckpt: Path, config: ModelConfig, comp: dict, device="cpu"):
     return model.to(device).eval()
 
 
+def dequantized_state(model, source, *, allow: bool) -> dict[str, torch.Tensor]:
+    """A plain GPT state dict (fp32, tied head left out) for export; a quantized model only if `allow`.
+
+    With embeddings='fp32' the exported head is the exact token table (GPT-2 ties the two)."""
+    from ..checkpoint import model_state
+
+    comp = compression_of(model)
+    if comp is None or comp["scheme"] == "fp32":
+        return model_state(model)
+    if not allow:
+        raise LLMClockError(f"{source} is quantized ({comp['scheme']}), which GPT-2 checkpoints cannot hold; "
+                            "pass --dequantize to export its weights as fp32")
+    state = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, QuantLinear) and name != "lm_head":
+            state[f"{name}.weight"] = mod.dequantized()
+            if mod.bias is not None:
+                state[f"{name}.bias"] = mod.bias
+        elif isinstance(mod, (nn.LayerNorm, nn.Embedding)):
+            state.update({f"{name}.{k}": v for k, v in mod.state_dict().items()})
+    if comp.get("embeddings") == "tied":
+        state["transformer.wte.weight"] = model.lm_head.dequantized()
+    return {k: v.detach().float().cpu().contiguous() for k, v in state.items()}
+
+
 def read_compression(ckpt: Path) -> dict | None:
     """The checkpoint's `compression` object, or None for a plain checkpoint."""
     return read_json(Path(ckpt) / CONFIG, missing="missing (not an llmclock checkpoint?)").get("compression")

@@ -74,7 +74,7 @@ def quality(model, tokenizer, data_dir, split: str, batches: int, block_size: in
     return {"ppl": r["ppl"], "bpb": r["loss"] * y.size / (n_bytes * math.log(2))}
 
 
-def measure(ckpt, data_dir, *, split: str = "test", batches: int = 8, block_size: int = 256,
+def measure(ckpt, data_dir=None, *, split: str = "test", batches: int = 8, block_size: int = 256,
             new_tokens: int = 64, threads: int | None = None) -> dict:
     """Every column of the table for one checkpoint, in this process."""
     import torch
@@ -91,13 +91,14 @@ def measure(ckpt, data_dir, *, split: str = "test", batches: int = 8, block_size
         out["tok_s_b8"] = decode_speed(model, 8, new_tokens)
         out["peak_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3  # kB on Linux
         out["stages_ms"] = stage_times(model, tok, min(new_tokens, 32))
-    out.update(quality(model, tok, data_dir, split, batches, block_size))
+    if data_dir is not None:
+        out.update(quality(model, tok, data_dir, split, batches, block_size))
     return out
 
 
-def measure_in_subprocess(ckpt, data_dir, **kw) -> dict:
+def measure_in_subprocess(ckpt, data_dir=None, **kw) -> dict:
     """`measure` in a fresh Python process (so peak memory is this checkpoint's alone)."""
-    args = [sys.executable, "-m", "llmclock.compress.report", str(ckpt), "--data", str(data_dir)]
+    args = [sys.executable, "-m", "llmclock.compress.report", str(ckpt)] + (["--data", str(data_dir)] if data_dir else [])
     for k, v in kw.items():
         if v is not None:
             args += [f"--{k.replace('_', '-')}", str(v)]
@@ -125,11 +126,13 @@ def table(before: dict, after: dict) -> str:
     rows += [(f"trace: {g} (ms/cycle)", ("stages_ms", g), "{:.3f}") for g in before["stages_ms"]]
 
     def get(d, key):
-        return d[key[0]][key[1]] if isinstance(key, tuple) else d[key]
+        return d[key[0]][key[1]] if isinstance(key, tuple) else d.get(key)
 
     lines = [f"{'':<28}{'before':>12}{'after':>12}{'ratio':>9}"]
     for label, key, fmt in rows:
         b, a = get(before, key), get(after, key)
+        if b is None or a is None:
+            continue  # quality without --data
         ratio = f"{a / b:.2f}x" if b else "-"
         lines.append(f"{label:<28}{fmt.format(b):>12}{fmt.format(a):>12}{ratio:>9}")
     return "\n".join(lines)
@@ -138,7 +141,7 @@ def table(before: dict, after: dict) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="measure one checkpoint; prints one JSON line")
     ap.add_argument("ckpt")
-    ap.add_argument("--data", required=True)
+    ap.add_argument("--data")
     ap.add_argument("--split", default="test")
     ap.add_argument("--batches", type=int, default=8)
     ap.add_argument("--block-size", type=int, default=256)
