@@ -17,6 +17,9 @@ from pathlib import Path
 
 from ..errors import LLMClockError
 from .quant import GROUPS, SCHEMES, check_group
+
+SCHEMES_ALL = ("fp32",) + SCHEMES
+"""Every --scheme: fp32 is pruning without quantization."""
 from .prune import SCOPES, check_fraction, kept_width
 
 
@@ -46,7 +49,7 @@ class CompressConfig:
     """Window length for calibration, fine-tune and evaluation (capped at the model's context)."""
 
     def __post_init__(self) -> None:
-        if self.scheme not in ("fp32",) + SCHEMES:
+        if self.scheme not in SCHEMES_ALL:
             raise LLMClockError(f"unknown scheme {self.scheme!r}; choose one of fp32, {', '.join(SCHEMES)}")
         if self.group not in GROUPS:
             raise LLMClockError(f"group size must be one of {', '.join(map(str, GROUPS))}, got {self.group}")

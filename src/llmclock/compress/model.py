@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from ..checkpoint import CONFIG, FORMAT, TOKENIZER, WEIGHTS, atomic_dir, read_json, read_tensors, write_json
+from ..checkpoint import CONFIG, WEIGHTS, load_weights, read_json, read_tensors, write_checkpoint
 from ..config import ModelConfig
 from ..errors import LLMClockError
 from .quant import SCHEMES, QuantLinear, check_group, dequantize
@@ -105,15 +105,9 @@ def state_to_save(model) -> dict[str, torch.Tensor]:
 
 
 def save_compressed(dest: Path, model, tokenizer) -> Path:
-    """Write a compressed checkpoint to the new directory `dest` (atomically)."""
-    from safetensors.torch import save_file
-
-    with atomic_dir(dest) as tmp:
-        write_json(tmp / CONFIG, model.config.to_dict() | {"format": FORMAT, "architecture": "gpt2",
-                                                           "compression": compression_of(model)})
-        save_file(state_to_save(model), str(tmp / WEIGHTS), metadata={"format": "pt"})
-        if tokenizer is not None:
-            tokenizer.save(tmp / TOKENIZER)
+    """Write a compressed checkpoint to the new directory `dest` (atomically, with content hashes)."""
+    write_checkpoint(dest, model, tokenizer, state=state_to_save(model),
+                     config_extra={"compression": compression_of(model)})
     return Path(dest)
 
 
@@ -159,15 +153,7 @@ def load_compressed(ckpt: Path, config: ModelConfig, comp: dict, device="cpu"):
     tensors = read_tensors(path)
     model = build_compressed(config, comp)
     model = model.to_empty(device="cpu")
-    expected = state_to_save(model)
-    problems = [f"missing {k}" for k in expected if k not in tensors]
-    problems += [f"unexpected {k}" for k in tensors if k not in expected]
-    problems += [f"{k} is {tuple(t.shape)} {t.dtype}, expected {tuple(expected[k].shape)} {expected[k].dtype}"
-                 for k, t in tensors.items() if k in expected and (t.shape != expected[k].shape or t.dtype != expected[k].dtype)]
-    if problems:
-        more = f" (+{len(problems) - 3} more)" if len(problems) > 3 else ""
-        raise LLMClockError(f"{path}: does not match {CONFIG}: {'; '.join(problems[:3])}{more}")
-    model.load_state_dict(tensors, strict=False)
+    load_weights(model, tensors, path, expected=state_to_save(model))
     if comp["scheme"] == "fp32":
         model.lm_head.weight = model.transformer.wte.weight
     return model.to(device).eval()
