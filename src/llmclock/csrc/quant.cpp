@@ -72,7 +72,7 @@ template <int R>
 static inline void panel_bf16(const float* x, int64_t ldx, int64_t K, const uint16_t* w, v8f (*acc)[2]) {
   for (int m = 0; m < R; ++m) acc[m][0] = acc[m][1] = bcast(0.f);
   for (int64_t k = 0; k < K; ++k) {
-    __builtin_prefetch((const char*)(w + k * P) + PF);
+    if (!(k & 1)) __builtin_prefetch((const char*)(w + k * P) + PF);  /* one per 64-byte line */
     const v8f w0 = bf16x8(w + k * P), w1 = bf16x8(w + k * P + 8);
     for (int m = 0; m < R; ++m) {
       const v8f a = bcast(x[m * ldx + k]);
@@ -85,7 +85,7 @@ template <int R>
 static inline void panel_int8(const float* x, int64_t ldx, int64_t K, const int8_t* w, const float* s, v8f (*acc)[2]) {
   for (int m = 0; m < R; ++m) acc[m][0] = acc[m][1] = bcast(0.f);
   for (int64_t k = 0; k < K; ++k) {
-    __builtin_prefetch((const char*)(w + k * P) + PF);
+    if (!(k & 3)) __builtin_prefetch((const char*)(w + k * P) + PF);
     const v8f w0 = i8x8(w + k * P), w1 = i8x8(w + k * P + 8);
     for (int m = 0; m < R; ++m) {
       const v8f a = bcast(x[m * ldx + k]);
@@ -107,7 +107,7 @@ static inline void panel_int4(const float* x, int64_t ldx, int64_t K, int64_t G,
     const uint8_t* wg = w + g * G * (P / 2);
     const float* xg = x + g * G;
     for (int64_t k = 0; k < G; ++k) {
-      __builtin_prefetch(wg + k * (P / 2) + PF);
+      if (!(k & 7)) __builtin_prefetch(wg + k * (P / 2) + PF);
       const v8i u = u8x8(wg + k * (P / 2));
       const v8f w0 = __builtin_convertvector(u & 15, v8f), w1 = __builtin_convertvector(u >> 4, v8f);
       for (int m = 0; m < R; ++m) {
