@@ -26,6 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..cbuild import Library
+from ..engine.kernels import bind_kernel, store
 from ..errors import LLMClockError
 
 SCHEMES = ("bf16", "int8", "int4")
@@ -170,42 +171,28 @@ class QuantLinear(nn.Module):
         return make_quant_linear(self, packed=packed, approximate=approximate)
 
 
-def _store(y, out, accumulate):
-    if out is None:
-        return y
-    return out.add_(y) if accumulate else out.copy_(y)
-
-
 def make_quant_linear(m: QuantLinear, *, packed: bool = True, approximate: str = "tanh"):
     n, k, scheme = m.out_features, m.in_features, m.scheme
     bias = m.bias
 
     def torch_linear(x, *, gelu=False, out=None, accumulate=False):
         y = m(x)
-        return _store(F.gelu(y, approximate=approximate) if gelu else y, out, accumulate)
+        return store(F.gelu(y, approximate=approximate) if gelu else y, out, accumulate)
 
     lib = get_lib() if packed and m.weight.device.type == "cpu" else None
     if lib is None:
         torch_linear.packed = None
         return torch_linear
     panels, scales = pack(m.weight, m.weight_scale, scheme)
-    kernel, f32, fused_gelu, fmt = lib.quant_linear, torch.float32, approximate == "tanh", _FMT[scheme]
-    w_ptr = panels.data_ptr()
+    kernel, fmt, w_ptr = lib.quant_linear, _FMT[scheme], panels.data_ptr()
     s_ptr = scales.data_ptr() if scales is not None else None
     b_ptr = bias.data_ptr() if bias is not None else None
     group = m.group if scheme == "int4" else 0
 
-    def linear(x, *, gelu=False, out=None, accumulate=False):
-        if x.dtype is not f32 or x.requires_grad or x.device.type != "cpu":
-            return torch_linear(x, gelu=gelu, out=out, accumulate=accumulate)
-        if gelu and not fused_gelu:
-            return _store(F.gelu(linear(x)), out, accumulate)
-        if not x.is_contiguous():
-            x = x.contiguous()
-        y = torch.empty(*x.shape[:-1], n) if out is None else out
-        kernel(fmt, x.data_ptr(), x.numel() // k, k, k, w_ptr, s_ptr, group, n, b_ptr, y.data_ptr(), n,
-               gelu, accumulate, torch.get_num_threads())
-        return y
+    def run(x_ptr, rows, y_ptr, gelu, accumulate):
+        kernel(fmt, x_ptr, rows, k, k, w_ptr, s_ptr, group, n, b_ptr, y_ptr, n, gelu, accumulate,
+               torch.get_num_threads())
 
+    linear = bind_kernel(run, torch_linear, n, k, approximate)
     linear.packed = (panels, scales)  # keeps the panels alive as long as the function
     return linear
