@@ -1,9 +1,9 @@
 """Compression: decode speed of fp32 / bf16 / int8 / int4 against each one's memory roofline, and
 what each scheme and 25% structured MLP pruning cost in perplexity on a small trained model.
 
-    python bench/compress.py [--threads 2] [--rounds 2] [--data TEXT] [--train-steps 1500]
+    python bench/compress.py [--threads 2] [--rounds 2] [--new-tokens 128] [--data TEXT] [--train-steps 1500]
 
-Speed: GPT-2 124M shape (random init, tied head), prompt 16 tokens, 128 greedy new tokens at
+Speed: GPT-2 124M shape (random init, tied head), prompt 16 tokens, --new-tokens (128) greedy new tokens at
 batch 1 and 8, every variant in this process, interleaved round by round (best round kept). Each
 cycle must read every weight byte it decodes with once (the token and position tables one row
 each), so a variant's roofline is measured bandwidth / its bytes per cycle (weights, scales,
@@ -40,7 +40,7 @@ from llmclock.engine import Engine, SamplingParams
 from llmclock.engine.kernels import measure_bandwidth
 from llmclock.model import GPT
 
-PROMPT, NEW = 16, 128
+PROMPT = 16
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -56,13 +56,13 @@ def decode_bytes(model) -> int:
     return total
 
 
-def tokens_per_s(engine: Engine, prompts) -> float:
-    params = SamplingParams(max_new_tokens=NEW, temperature=0, ignore_eos=True)
+def tokens_per_s(engine: Engine, prompts, new: int) -> float:
+    params = SamplingParams(max_new_tokens=new, temperature=0, ignore_eos=True)
     t = time.perf_counter()
     done = engine.complete(prompts, params)
     dt = time.perf_counter() - t
-    assert all(len(c.token_ids) == NEW for c in done)
-    return len(prompts) * NEW / dt
+    assert all(len(c.token_ids) == new for c in done)
+    return len(prompts) * new / dt
 
 
 def speed(args) -> dict:
@@ -78,7 +78,7 @@ def speed(args) -> dict:
     variants["prune25"] = pruned
     prompts = {b: torch.randint(50000, (b, PROMPT), generator=g).tolist() for b in (1, 8)}
     # one engine per variant (8 slots; batch 1 runs one of them): each packs its weights once
-    engines = {k: Engine(m, None, slots=8, max_len=PROMPT + NEW) for k, m in variants.items()}
+    engines = {k: Engine(m, None, slots=8, max_len=PROMPT + args.new_tokens) for k, m in variants.items()}
     nbytes = {k: decode_bytes(m) for k, m in variants.items()}
     best = {(k, b): 0.0 for k in variants for b in (1, 8)}
     bw = 0.0
@@ -86,7 +86,7 @@ def speed(args) -> dict:
         bw = max(bw, measure_bandwidth(1 << 30, repeats=3))
         for b in (1, 8):
             for k in variants:
-                best[k, b] = max(best[k, b], tokens_per_s(engines[k], prompts[b]))
+                best[k, b] = max(best[k, b], tokens_per_s(engines[k], prompts[b], args.new_tokens))
         print(f"round {r + 1}: " + ", ".join(f"{k} b1 {best[k, 1]:.1f} b8 {best[k, 8]:.1f}" for k in variants), flush=True)
     print(f"\nmeasured read bandwidth: {bw / 1e9:.1f} GB/s")
     print(f"{'variant':<9}{'MB/cycle':>10}{'b1 tok/s':>10}{'b8 tok/s':>10}{'b1 vs fp32':>12}{'b1 roofline':>13}")
@@ -146,6 +146,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--group", type=int, default=64, help="int4 group size for the speed runs")
+    ap.add_argument("--new-tokens", type=int, default=128, help="greedy tokens per sequence in the speed runs")
     ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"))
     ap.add_argument("--train-steps", type=int, default=1500)
     ap.add_argument("--eval-batches", type=int, default=60)
