@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..cbuild import Library
+from .. import cbuild
 from ..engine.kernels import bind_kernel, store
 from ..errors import LLMClockError
 
@@ -44,9 +44,13 @@ def _read_src() -> str:
 
 
 _i64, _ptr, _int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
-_kernels = Library("llmclock_quant", _read_src(), {
+_SIGNATURES = {
     "quant_linear": [_int, _ptr, _i64, _i64, _i64, _ptr, _ptr, _i64, _i64, _ptr, _ptr, _i64, _int, _int, _int],
-})
+}
+if hasattr(cbuild, "shared"):  # csrc/ built at install time into the one kernel library (setup.py)
+    _kernels = cbuild.Library(_SIGNATURES)
+else:  # built at first use from this source's text
+    _kernels = cbuild.Library("llmclock_quant", _read_src(), _SIGNATURES)
 get_lib = _kernels.get
 """The compiled quantized GEMV (built on first call), or None where it cannot be built."""
 
