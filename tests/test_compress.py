@@ -81,6 +81,8 @@ def test_kernel_equals_torch_fallback(scheme, group, n):
         torch.testing.assert_close(f(x, gelu=True), F.gelu(ref, approximate="tanh"), atol=1e-5, rtol=1e-5)
         acc = torch.randn(rows, n)
         torch.testing.assert_close(f(x, out=acc.clone(), accumulate=True), acc + ref, atol=1e-5, rtol=1e-5)
+        exact = m.decode_linear(approximate="none")  # nanoGPT's exact GELU, also fused
+        torch.testing.assert_close(exact(x, gelu=True), F.gelu(ref), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("scheme,group", [("bf16", 64), ("int8", 64), ("int4", 32)])

@@ -26,7 +26,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import cbuild
-from ..engine.kernels import bind_kernel, store
 from ..errors import LLMClockError
 
 SCHEMES = ("bf16", "int8", "int4")
@@ -176,27 +175,32 @@ class QuantLinear(nn.Module):
 
 
 def make_quant_linear(m: QuantLinear, *, packed: bool = True, approximate: str = "tanh"):
-    n, k, scheme = m.out_features, m.in_features, m.scheme
-    bias = m.bias
+    n, k, scheme, bias = m.out_features, m.in_features, m.scheme, m.bias
 
     def torch_linear(x, *, gelu=False, out=None, accumulate=False):
         y = m(x)
-        return store(F.gelu(y, approximate=approximate) if gelu else y, out, accumulate)
+        if gelu:
+            y = F.gelu(y, approximate=approximate)
+        return y if out is None else (out.add_(y) if accumulate else out.copy_(y))
 
     lib = get_lib() if packed and m.weight.device.type == "cpu" else None
     if lib is None:
         torch_linear.packed = None
         return torch_linear
     panels, scales = pack(m.weight, m.weight_scale, scheme)
-    kernel, fmt, w_ptr = lib.quant_linear, _FMT[scheme], panels.data_ptr()
+    kernel, fmt, f32, w_ptr = lib.quant_linear, _FMT[scheme], torch.float32, panels.data_ptr()
     s_ptr = scales.data_ptr() if scales is not None else None
     b_ptr = bias.data_ptr() if bias is not None else None
-    group = m.group if scheme == "int4" else 0
+    group, gelu_mode = (m.group if scheme == "int4" else 0), (1 if approximate == "tanh" else 2)
 
-    def run(x_ptr, rows, y_ptr, gelu, accumulate):
-        kernel(fmt, x_ptr, rows, k, k, w_ptr, s_ptr, group, n, b_ptr, y_ptr, n, gelu, accumulate,
-               torch.get_num_threads())
+    def linear(x, *, gelu=False, out=None, accumulate=False):
+        if x.dtype is not f32 or x.requires_grad or x.device.type != "cpu":
+            return torch_linear(x, gelu=gelu, out=out, accumulate=accumulate)
+        x = x.contiguous()  # a no-op for the engine's rows
+        y = torch.empty(*x.shape[:-1], n) if out is None else out
+        kernel(fmt, x.data_ptr(), x.numel() // k, k, k, w_ptr, s_ptr, group, n, b_ptr, y.data_ptr(), n,
+               gelu_mode if gelu else 0, accumulate, torch.get_num_threads())
+        return y
 
-    linear = bind_kernel(run, torch_linear, n, k, approximate)
     linear.packed = (panels, scales)  # keeps the panels alive as long as the function
     return linear

@@ -62,7 +62,8 @@ static inline void store(int mr, v8f (*acc)[2], const float* bias, float* y, int
     float* yr = y + m * ldy;
     for (int j = 0; j < nj; ++j) {
       float t = r[j] + (bias ? bias[j] : 0.f);
-      if (gelu) t = 0.5f * t * (1.f + tanhf(0.7978845608028654f * (t + 0.044715f * t * t * t)));
+      if (gelu == 1) t = 0.5f * t * (1.f + tanhf(0.7978845608028654f * (t + 0.044715f * t * t * t)));
+      else if (gelu == 2) t = 0.5f * t * (1.f + erff(t * 0.7071067811865476f));
       yr[j] = acc_out ? yr[j] + t : t;
     }
   }
@@ -132,6 +133,7 @@ static inline void panel_int4(const float* x, int64_t ldx, int64_t K, int64_t G,
   }
 
 // fmt: 0 bf16, 1 int8, 2 int4. x (M, K) rows with stride ldx; y (M, N) rows with stride ldy.
+// gelu: 0 none, 1 GPT-2's tanh approximation, 2 exact (erf); acc_out: add into y (a fused residual).
 extern "C" void quant_linear(int fmt, const float* x, int64_t M, int64_t ldx, int64_t K, const void* wp,
                              const float* scales, int64_t G, int64_t N, const float* bias, float* y, int64_t ldy,
                              int gelu, int acc_out, int nthreads) {

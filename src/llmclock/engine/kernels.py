@@ -185,8 +185,7 @@ def _pack(weight: torch.Tensor) -> torch.Tensor:
     return padded.view(n_panels, PANEL, k).transpose(1, 2).contiguous()
 
 
-def store(y, out, accumulate):
-    """y written to `out` (or added to it), or y itself when there is no `out`."""
+def _store(y, out, accumulate):
     if out is None:
         return y
     return out.add_(y) if accumulate else out.copy_(y)
@@ -211,40 +210,29 @@ def make_linear(weight: torch.Tensor, bias: torch.Tensor | None = None, *, packe
 
     def torch_linear(x, *, gelu=False, out=None, accumulate=False):
         y = F.linear(x, w, bias)
-        return store(F.gelu(y, approximate=approximate) if gelu else y, out, accumulate)
+        return _store(F.gelu(y, approximate=approximate) if gelu else y, out, accumulate)
 
     lib = get_lib() if packed and w.device.type == "cpu" and w.dtype == torch.float32 else None
     if lib is None or (bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous())):
         torch_linear.packed = None
         return torch_linear
     panels = _pack(w)
-    kernel, w_ptr, b_ptr = lib.linear_panels, panels.data_ptr(), (bias.data_ptr() if bias is not None else None)
-
-    def run(x_ptr, rows, y_ptr, gelu, accumulate):
-        kernel(x_ptr, rows, k, k, w_ptr, n, b_ptr, y_ptr, n, gelu, accumulate, torch.get_num_threads())
-
-    linear = bind_kernel(run, torch_linear, n, k, approximate)
-    linear.packed = panels  # keeps the panels alive as long as the function
-    return linear
-
-
-def bind_kernel(run, torch_linear, n: int, k: int, approximate: str):
-    """The decode linear f(x, *, gelu=False, out=None, accumulate=False) around a compiled GEMV
-    `run(x_ptr, rows, y_ptr, gelu, accumulate)` over (rows, k) fp32 -> (rows, n), which fuses the
-    tanh GELU; what the kernel cannot take (not fp32 on CPU, autograd) goes to `torch_linear`."""
-    f32, fused_gelu = torch.float32, approximate == "tanh"
+    kernel, f32, fused_gelu = lib.linear_panels, torch.float32, approximate == "tanh"
+    w_ptr, b_ptr = panels.data_ptr(), (bias.data_ptr() if bias is not None else None)
 
     def linear(x, *, gelu=False, out=None, accumulate=False):
         if x.dtype is not f32 or x.requires_grad or x.device.type != "cpu":
             return torch_linear(x, gelu=gelu, out=out, accumulate=accumulate)
         if gelu and not fused_gelu:
-            return store(F.gelu(linear(x)), out, accumulate)
+            return _store(F.gelu(linear(x)), out, accumulate)
         if not x.is_contiguous():
             x = x.contiguous()
         y = torch.empty(*x.shape[:-1], n) if out is None else out
-        run(x.data_ptr(), x.numel() // k, y.data_ptr(), gelu, accumulate)
+        kernel(x.data_ptr(), x.numel() // k, k, k, w_ptr, n, b_ptr, y.data_ptr(), n, gelu, accumulate,
+               torch.get_num_threads())
         return y
 
+    linear.packed = panels  # keeps the panels alive as long as the function
     return linear
 
 
