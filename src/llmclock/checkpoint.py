@@ -132,13 +132,16 @@ def write_checkpoint(
     optimizer: torch.optim.Optimizer | None = None,
     train_state: dict | None = None,
     overwrite: bool = False,
+    state: dict[str, torch.Tensor] | None = None,
+    config_extra: dict | None = None,
 ) -> None:
     """Write a complete checkpoint to a new directory `dest` (temp dir + rename; `overwrite`
-    replaces an earlier checkpoint there)."""
+    replaces an earlier checkpoint there). `state` replaces model_state(model) as the tensors
+    stored and `config_extra` adds keys to config.json (llmclock.compress: its layers, its scheme)."""
     from safetensors.torch import save_file
 
     with atomic_dir(dest, overwrite=overwrite) as tmp:
-        save_file(model_state(model), str(tmp / WEIGHTS), metadata={"format": "pt"})
+        save_file(model_state(model) if state is None else state, str(tmp / WEIGHTS), metadata={"format": "pt"})
         if tokenizer is not None:
             tokenizer.save(tmp / TOKENIZER)
         if optimizer is not None:
@@ -146,7 +149,8 @@ def write_checkpoint(
         if train_state is not None:
             write_json(tmp / STATE, train_state)
         hashes = {f.name: file_sha256(f) for f in sorted(tmp.iterdir())}
-        write_json(tmp / CONFIG, model.config.to_dict() | {"format": FORMAT, "architecture": "gpt2", HASHES: hashes})
+        write_json(tmp / CONFIG, model.config.to_dict() | {"format": FORMAT, "architecture": "gpt2", HASHES: hashes}
+                   | (config_extra or {}))
 
 
 @contextlib.contextmanager
@@ -238,6 +242,7 @@ def read_config(ckpt: Path) -> ModelConfig:
     path = ckpt / CONFIG
     d = read_json(path, missing="missing (not an llmclock checkpoint?)")
     d.pop(HASHES, None)
+    d.pop("compression", None)  # read by llmclock.compress (quantized / pruned checkpoints)
     if d.pop("format", None) != FORMAT or d.pop("architecture", None) != "gpt2":
         raise LLMClockError(
             f"{path}: not an llmclock GPT-2 checkpoint config (Hugging Face checkpoints: use `llmclock import-hf`)"
@@ -259,9 +264,13 @@ def read_tensors(path: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def load_weights(model: torch.nn.Module, tensors: dict[str, torch.Tensor], source: Path) -> None:
-    """Copy tensors into the model, naming every missing, unexpected or misshapen tensor."""
-    expected = {k: v for k, v in model.state_dict().items() if k not in TIED}
+def load_weights(model: torch.nn.Module, tensors: dict[str, torch.Tensor], source: Path, *,
+                 expected: dict[str, torch.Tensor] | None = None) -> None:
+    """Copy tensors into the model, naming every missing, unexpected or misshapen tensor.
+    `expected` (name -> tensor, dtypes checked too) replaces the model's state less the tied head."""
+    exact_dtype = expected is not None
+    if expected is None:
+        expected = {k: v for k, v in model.state_dict().items() if k not in TIED}
     problems = [f"missing {k}" for k in expected if k not in tensors]
     problems += [f"unexpected {k}" for k in tensors if k not in expected]
     problems += [
@@ -269,6 +278,8 @@ def load_weights(model: torch.nn.Module, tensors: dict[str, torch.Tensor], sourc
         for k, v in expected.items()
         if k in tensors and tensors[k].shape != v.shape
     ]
+    problems += [f"{k} is {tensors[k].dtype}, config expects {v.dtype}" for k, v in expected.items()
+                 if exact_dtype and k in tensors and tensors[k].dtype != v.dtype]
     if problems:
         more = f" (+{len(problems) - 3} more)" if len(problems) > 3 else ""
         raise LLMClockError(f"{source}: does not match {CONFIG}: {'; '.join(problems[:3])}{more}")
@@ -285,6 +296,12 @@ def load_checkpoint(ckpt: str | Path, device: str | torch.device = "cpu", *, wit
 
     ckpt = Path(ckpt)
     config = read_config(ckpt)
+    comp = read_json(ckpt / CONFIG).get("compression")
+    if comp is not None:  # quantized or pruned: its own module tree (llmclock.compress)
+        from .compress.model import load_compressed
+
+        model = load_compressed(ckpt, config, comp, device)
+        return model, (load_tokenizer(ckpt, config) if with_tokenizer else None)
     tensors = read_tensors(ckpt / WEIGHTS)
     with torch.device("meta"):
         model = GPT(config)

@@ -14,7 +14,7 @@ import signal
 import sys
 
 from ..errors import LLMClockError
-from . import engine_cmds, hf_cmds, serve_cmds, train_cmds
+from . import compress_cmds, engine_cmds, hf_cmds, serve_cmds, train_cmds
 from .common import printable
 
 COMMANDS = [
@@ -30,6 +30,7 @@ COMMANDS = [
     hf_cmds.add_import_hf,
     hf_cmds.add_export_hf,
     serve_cmds.add_serve,
+    compress_cmds.add_compress,
 ]
 """Subcommands in `llmclock --help` order: each registers its parser on the subparsers object."""
 

@@ -46,6 +46,14 @@ class LayerPlan:
     mlp_proj: Linear
 
 
+def _linear(m, packed: bool, approximate: str) -> Linear:
+    """make_linear for an nn.Linear; a layer with its own `decode_linear` (llmclock.compress's
+    quantized layers) brings its own kernel with the same signature."""
+    if hasattr(m, "decode_linear"):
+        return m.decode_linear(packed=packed, approximate=approximate)
+    return make_linear(m.weight, m.bias, packed=packed, approximate=approximate)
+
+
 class DecodePlan:
     """The model's weights laid out for `tick`: plain fields, packed linears, no module lookups.
 
@@ -59,8 +67,8 @@ class DecodePlan:
 
     def __init__(self, model, *, packed: bool = True):
         tr, cfg = model.transformer, model.config
-        lin = {m: make_linear(m.weight, m.bias, packed=packed, approximate=cfg.gelu_approximate)
-               for m in model.modules() if isinstance(m, torch.nn.Linear)}
+        lin = {m: _linear(m, packed, cfg.gelu_approximate)
+               for m in model.modules() if isinstance(m, torch.nn.Linear) or hasattr(m, "decode_linear")}
         self.n_head, self.shape = cfg.n_head, (cfg.n_embd,)
         self.wte, self.wpe = tr.wte.weight, tr.wpe.weight
         self.layers = [
