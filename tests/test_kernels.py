@@ -155,35 +155,44 @@ def _decode_block(C, n_head, activation, bias=True):
     return block
 
 
+def _block_kernel(block):
+    approx = block.mlp.approximate
+    fs = [K.decode_linear(m, approximate=approx) for m in (block.attn.c_attn, block.attn.c_proj, block.mlp.c_fc,
+                                                         block.mlp.c_proj)]
+    return K.make_block(block, *fs, approximate=approx)
+
+
 @pytest.mark.parametrize("activation,bias", [("gelu_tanh", True), ("gelu", False)])
-@pytest.mark.parametrize("C,n_head,pos", [(64, 2, [5]), (96, 3, [0, 33, 7, 63]), (256, 4, [200, 255])])
-def test_decode_block_kernel_equals_block_forward(activation, bias, C, n_head, pos):
+@pytest.mark.parametrize("C,n_head,pos,slots", [(64, 2, [5], None), (96, 3, [0, 33, 7, 63], [2, 0, 3, 1]),
+                                                (256, 4, [200, 255], None)])
+def test_decode_block_kernel_equals_block_forward(activation, bias, C, n_head, pos, slots):
     """One kernel call per block and decode step == Block.forward on each row with its own cached
-    history (the last shape is past the attention's one-thread limit)."""
+    history, in its own cache slot (the last shape is past the attention's one-thread limit)."""
     requires_kernels(K)
     block = _decode_block(C, n_head, activation, bias)
     n, hs, max_len = len(pos), C // n_head, 256
-    layer = K.decode_layer(block, approximate=block.mlp.approximate)
-    assert layer.fused is not None
+    f = _block_kernel(block)
+    assert f is not None
     g = torch.Generator().manual_seed(n)
     kc, vc = torch.randn(n, n_head, max_len, hs, generator=g), torch.randn(n, n_head, max_len, hs, generator=g)
     x = torch.randn(n, C, generator=g)
     ref_k, ref_v = kc.clone(), vc.clone()
+    slot = slots or list(range(n))
     with torch.no_grad():
-        expect = torch.cat([block(x[b : b + 1, None], _HistoryCache(ref_k, ref_v, b, p))[:, 0]
+        expect = torch.cat([block(x[b : b + 1, None], _HistoryCache(ref_k, ref_v, slot[b], p))[:, 0]
                             for b, p in enumerate(pos)])
     y = x.clone()
-    layer.fused(y, kc, vc, torch.tensor(pos))
+    f(y, kc, vc, torch.tensor(pos), None if slots is None else torch.tensor(slots))
     torch.testing.assert_close(y, expect, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(kc, ref_k)
     torch.testing.assert_close(vc, ref_v)
 
 
-def test_decode_layer_declines_blocks_with_adapters(mode):
+def test_block_kernel_declines_blocks_with_adapters(mode):
     """A Linear wrapped by an adapter (a subclass standing in for peft's LoRA) is not read as plain
-    weights: no whole-block kernel, and the layer's linears run the adapter."""
+    weights: no whole-block kernel, and its decode linear runs the adapter."""
     block = _decode_block(64, 2, "gelu_tanh")
-    assert (K.decode_layer(block).fused is not None) == (not mode)
+    assert (_block_kernel(block) is not None) == (not mode)
 
     class Doubled(torch.nn.Linear):
         def forward(self, x):
@@ -192,7 +201,6 @@ def test_decode_layer_declines_blocks_with_adapters(mode):
     fc = block.mlp.c_fc
     block.mlp.c_fc = Doubled(fc.in_features, fc.out_features)
     block.mlp.c_fc.load_state_dict(fc.state_dict())
-    layer = K.decode_layer(block)
-    assert layer.fused is None
+    assert _block_kernel(block) is None
     x = torch.randn(3, 64)
-    torch.testing.assert_close(layer.c_fc(x), 2 * F.linear(x, fc.weight, fc.bias))
+    torch.testing.assert_close(K.decode_linear(block.mlp.c_fc)(x), 2 * F.linear(x, fc.weight, fc.bias))

@@ -27,11 +27,11 @@ _LEVEL_OF_ANSWER = {0: "base", 2: "avx2", 3: "avx512"}
 DIR = Path(__file__).resolve().parent
 
 
-def library_path(level: str, directory: Path = DIR) -> Path:
-    return directory / f"_kernels_{level}.so"
+def library_path(level: str, directory: Path | None = None) -> Path:
+    return (directory or DIR) / f"_kernels_{level}.so"
 
 
-def best_level(directory: Path = DIR) -> str:
+def best_level(directory: Path | None = None) -> str:
     """The highest built level this CPU runs (capped by LLMCLOCK_ISA); raises OSError where even
     the baseline build cannot be loaded."""
     base = ctypes.CDLL(str(library_path("base", directory)))
@@ -45,8 +45,9 @@ def best_level(directory: Path = DIR) -> str:
     return level
 
 
-def load(directory: Path = DIR) -> tuple[ctypes.CDLL | None, str]:
+def load(directory: Path | None = None) -> tuple[ctypes.CDLL | None, str]:
     """(the library, its level) or (None, why not)."""
+    directory = directory or DIR
     if os.environ.get("LLMCLOCK_NO_CKERNELS"):
         return None, "LLMCLOCK_NO_CKERNELS is set"
     if not library_path("base", directory).exists():

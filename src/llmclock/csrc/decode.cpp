@@ -69,12 +69,14 @@ extern "C" void linear_panels(const float* x, int64_t M, int64_t ldx, int64_t K,
   }
 }
 
-/* One decode step of attention for rows b < n (row b = cache slot b): write row b's key and value
-   at position pos[b], then y[b] = softmax(q K[0..pos[b]]^T / sqrt(hs)) V[0..pos[b]] per head.
+/* One decode step of attention for rows b < n, row b in cache slot s = slots[b] (b where slots is
+   null): write row b's key and value at position pos[b] of slot s, then
+   y[b] = softmax(q K[0..pos[b]]^T / sqrt(hs)) V[0..pos[b]] per head over that slot's history.
    qkv is (n, 3C) as c_attn produces it; kc, vc are (slots, nh, max_len, hs) contiguous. Each row
-   sees exactly its own history, so slots at different positions need no mask. */
+   sees exactly its own history, so slots at different positions need no mask. Above 65536 floats
+   of history the (row, head) pairs are split over the threads. */
 extern "C" void attend_decode(const float* qkv, int64_t n, int64_t nh, int64_t hs, float* kc, float* vc,
-                              int64_t max_len, const int64_t* pos, float* y, int nthreads) {
+                              int64_t max_len, const int64_t* pos, const int64_t* slots, float* y, int nthreads) {
   const int64_t C = nh * hs;
   const float scale = 1.0f / sqrtf((float)hs);
   int64_t work = 0;
@@ -83,8 +85,9 @@ extern "C" void attend_decode(const float* qkv, int64_t n, int64_t nh, int64_t h
   for (int64_t b = 0; b < n; ++b) {
     for (int64_t h = 0; h < nh; ++h) {
       const float* q = qkv + b * 3 * C + h * hs;
-      float* K = kc + (b * nh + h) * max_len * hs;
-      float* V = vc + (b * nh + h) * max_len * hs;
+      const int64_t slot = slots ? slots[b] : b;
+      float* K = kc + (slot * nh + h) * max_len * hs;
+      float* V = vc + (slot * nh + h) * max_len * hs;
       const int64_t L = pos[b] + 1;
       memcpy(K + pos[b] * hs, q + C, hs * sizeof(float));
       memcpy(V + pos[b] * hs, q + 2 * C, hs * sizeof(float));
@@ -124,8 +127,8 @@ extern "C" void layer_norm_rows(const float* x, const float* w, const float* b, 
   }
 }
 
-/* One decode step of a whole transformer block for rows b < n (row b = cache slot b, at position
-   pos[b]), the residual stream x (n, C) updated in place:
+/* One decode step of a whole transformer block for rows b < n (row b in cache slot slots[b], or b
+   where slots is null, at position pos[b]), the residual stream x (n, C) updated in place:
      x += c_proj(attend(c_attn(LN1(x))))   (each row's key and value written at pos[b] first)
      x += mlp.c_proj(GELU(c_fc(LN2(x))))
    w[] holds ln_1.w, ln_1.b, c_attn panels, c_attn.b, attn.c_proj panels, attn.c_proj.b, ln_2.w,
@@ -134,12 +137,12 @@ extern "C" void layer_norm_rows(const float* x, const float* w, const float* b, 
    (slots, nh, max_len, hs) caches; work holds decode_block_work_floats(n, C) floats. */
 extern "C" int64_t decode_block_work_floats(int64_t n, int64_t C) { return n * 9 * C; }
 extern "C" void decode_block(float* x, const float* const* w, int64_t n, int64_t C, int64_t nh, float eps1, float eps2,
-                             int gelu, float* kc, float* vc, int64_t max_len, const int64_t* pos, float* work,
-                             int nthreads) {
+                             int gelu, float* kc, float* vc, int64_t max_len, const int64_t* pos,
+                             const int64_t* slots, float* work, int nthreads) {
   float *l = work, *qkv = l + n * C, *att = qkv + 3 * n * C, *h = att + n * C;  /* (n, C) (n, 3C) (n, C) (n, 4C) */
   layer_norm_rows(x, w[0], w[1], n, C, eps1, l);
   linear_panels(l, n, C, C, w[2], 3 * C, w[3], qkv, 3 * C, 0, 0, nthreads);
-  attend_decode(qkv, n, nh, C / nh, kc, vc, max_len, pos, att, nthreads);
+  attend_decode(qkv, n, nh, C / nh, kc, vc, max_len, pos, slots, att, nthreads);
   linear_panels(att, n, C, C, w[4], C, w[5], x, C, 0, 1, nthreads);
   layer_norm_rows(x, w[6], w[7], n, C, eps2, l);
   linear_panels(l, n, C, C, w[8], 4 * C, w[9], h, 4 * C, gelu, 0, nthreads);

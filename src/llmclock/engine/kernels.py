@@ -13,7 +13,7 @@ from DRAM, see /tmp/decode_research/REPORT.md):
     k-step is 128 contiguous bytes, and up to 8 rows share each weight load,
     so M=8 costs about the same memory traffic as M=1.  Bias, GELU (tanh or
     exact) and a residual add are fused into the store.
-  * `decode_layer(...).fused` runs a whole Block for one decode step in one
+  * `make_block` runs a whole Block for one decode step in one
     call (LayerNorm, QKV GEMV, cache write, attention, projection + residual,
     LayerNorm, MLP with GELU, + residual): a tick is then ~n_layer + 2 calls
     instead of ~100 dispatched ops (~2 ms of Python per cycle).
@@ -26,8 +26,6 @@ from __future__ import annotations
 
 import ctypes
 import time
-from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -41,10 +39,10 @@ _i64, _ptr, _int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
 _kernels = Library({
     "linear_panels": [_ptr, _i64, _i64, _i64, _ptr, _i64, _ptr, _ptr, _i64, _int, _int, _int],
     "stream_sum": [_ptr, _i64, _int],
-    "attend_decode": [_ptr, _i64, _i64, _i64, _ptr, _ptr, _i64, _ptr, _ptr, _int],
+    "attend_decode": [_ptr, _i64, _i64, _i64, _ptr, _ptr, _i64, _ptr, _ptr, _ptr, _int],
     "decode_block_work_floats": [_i64, _i64],
     "decode_block": [_ptr, ctypes.POINTER(_ptr), _i64, _i64, _i64, ctypes.c_float, ctypes.c_float, _int, _ptr, _ptr,
-                     _i64, _ptr, _ptr, _int],
+                     _i64, _ptr, _ptr, _ptr, _int],
 }, restypes={"stream_sum": ctypes.c_double, "decode_block_work_floats": _i64})
 get_lib = _kernels.get
 """The compiled kernel library (csrc/decode.cpp's entry points), or None where it is not built."""
@@ -133,8 +131,9 @@ def make_attend(cache_k: torch.Tensor):
     None when it cannot be used (no built library, not fp32 on CPU): callers then use index writes and
     scaled_dot_product_attention.
 
-    f(qkv (n, 3C), kc, vc, pos (n,) int64) -> y (n, C): writes each row's key/value at its
-    position and attends over that row's own history. One call per layer replaces two index_put
+    f(qkv (n, 3C), kc, vc, pos (n,) int64, slots (n,) int64 | None) -> y (n, C): writes each row's
+    key/value at its position in its cache slot (slots[b], or b when slots is None) and attends
+    over that slot's history. One call per layer replaces two index_put
     writes and an SDPA call (~60 us of fixed cost per layer here).
     """
     lib = get_lib()
@@ -143,53 +142,22 @@ def make_attend(cache_k: torch.Tensor):
     _, nh, max_len, hs = cache_k.shape
     kernel = lib.attend_decode
 
-    def attend(qkv, kc, vc, pos):
+    def attend(qkv, kc, vc, pos, slots=None):
         n = qkv.size(0)
         y = torch.empty(n, nh * hs)
-        kernel(qkv.data_ptr(), n, nh, hs, kc.data_ptr(), vc.data_ptr(), max_len, pos.data_ptr(), y.data_ptr(),
-               torch.get_num_threads())
+        kernel(qkv.data_ptr(), n, nh, hs, kc.data_ptr(), vc.data_ptr(), max_len, pos.data_ptr(),
+               None if slots is None else slots.data_ptr(), y.data_ptr(), torch.get_num_threads())
         return y
 
     return attend
 
 
-@dataclass(frozen=True)
-class DecodeLayer:
-    """One Block laid out for a decode tick: no module lookups left (each costs ~2 us)."""
+def decode_linear(module, *, packed: bool = True, approximate: str = "tanh"):
+    """make_linear for a plain nn.Linear; anything else in a Linear's place (an adapter wrapping
+    it, a quantized module) is called as the module it is, with the same call signature."""
+    if type(module) is torch.nn.Linear:
+        return make_linear(module.weight, module.bias, packed=packed, approximate=approximate)
 
-    ln_1: tuple
-    """(weight, bias, eps) of the first LayerNorm."""
-    c_attn: Callable
-    """The Linears as make_linear functions: x -> y, with gelu=, out= and accumulate=."""
-    attn_proj: Callable
-    ln_2: tuple
-    c_fc: Callable
-    mlp_proj: Callable
-    fused: Callable | None = None
-    """f(x (n, C), kc, vc, pos (n,)) -> None: the whole block for one decode step as one kernel call
-    (x updated in place, each row's key and value written at its position); None where the kernel
-    cannot run this block (then the tick runs it op by op with the fields above)."""
-
-
-def decode_layer(block, *, packed: bool = True, approximate: str = "tanh") -> DecodeLayer:
-    """`block` (a Block) for decoding: its Linears packed (make_linear) and, where everything is
-    fp32 on the CPU, packed, and the block is made of its own plain parts (llmclock.fused.is_plain:
-    no adapter, hook or wrapped Linear, whose effect a kernel reading the weights would miss), the
-    whole-block kernel as `fused`."""
-    from ..fused import is_plain
-
-    a, m = block.attn, block.mlp
-    ln_1, ln_2 = (block.ln_1.weight, block.ln_1.bias, block.ln_1.eps), (block.ln_2.weight, block.ln_2.bias, block.ln_2.eps)
-    if not is_plain(block):  # call the Linears as modules: whatever wraps them runs too
-        lins = [_as_linear(lin, approximate) for lin in (a.c_attn, a.c_proj, m.c_fc, m.c_proj)]
-        return DecodeLayer(ln_1, lins[0], lins[1], ln_2, lins[2], lins[3])
-    lins = [make_linear(lin.weight, lin.bias, packed=packed, approximate=approximate)
-            for lin in (a.c_attn, a.c_proj, m.c_fc, m.c_proj)]
-    return DecodeLayer(ln_1, lins[0], lins[1], ln_2, lins[2], lins[3], _fused_block(block, lins, approximate))
-
-
-def _as_linear(module, approximate: str):
-    """A module (a wrapped Linear) with make_linear's call signature."""
     def linear(x, *, gelu=False, out=None, accumulate=False):
         y = module(x)
         return _store(F.gelu(y, approximate=approximate) if gelu else y, out, accumulate)
@@ -198,27 +166,39 @@ def _as_linear(module, approximate: str):
     return linear
 
 
-def _fused_block(block, lins, approximate: str):
-    lib = get_lib()
-    ln_1, ln_2 = block.ln_1, block.ln_2
+def make_block(block, c_attn, attn_proj, c_fc, mlp_proj, *, approximate: str = "tanh"):
+    """The whole-block decode kernel for `block` (a Block) whose four Linears are packed in the
+    make_linear functions given, or None where it cannot run (no built library, a Linear not
+    packed, not fp32 on the CPU, an MLP not 4x wide, or a block that is not made of its own plain
+    parts: llmclock.fused.is_plain, as an adapter would change what the weights alone compute):
+
+        f(x (n, C), kc, vc, pos (n,) int64, slots (n,) int64 | None) -> None
+
+    runs LayerNorm, the QKV GEMV, the cache write, attention, the projection + residual, LayerNorm,
+    the MLP with GELU and its residual for one decode step in one call, x updated in place; row b
+    writes and attends over cache slot slots[b] (b when slots is None) at position pos[b].
+    """
+    from ..fused import is_plain
+
+    lib, lins = get_lib(), (c_attn, attn_proj, c_fc, mlp_proj)
+    ln_1, ln_2, a, m = block.ln_1, block.ln_2, block.attn, block.mlp
     C = ln_1.weight.numel()
-    params = [ln_1.weight, ln_1.bias, block.attn.c_attn.bias, block.attn.c_proj.bias, ln_2.weight, ln_2.bias,
-              block.mlp.c_fc.bias, block.mlp.c_proj.bias]
-    if (lib is None or any(f.packed is None for f in lins) or block.mlp.c_fc.weight.shape != (4 * C, C)
+    params = [ln_1.weight, ln_1.bias, a.c_attn.bias, a.c_proj.bias, ln_2.weight, ln_2.bias, m.c_fc.bias, m.c_proj.bias]
+    if (lib is None or not is_plain(block) or any(f.packed is None for f in lins) or m.c_fc.weight.shape != (4 * C, C)
             or any(p is not None and (p.dtype != torch.float32 or p.device.type != "cpu" or not p.is_contiguous())
                    for p in params)):
         return None
-    ptrs = [ln_1.weight, ln_1.bias, lins[0].packed, block.attn.c_attn.bias, lins[1].packed, block.attn.c_proj.bias,
-            ln_2.weight, ln_2.bias, lins[2].packed, block.mlp.c_fc.bias, lins[3].packed, block.mlp.c_proj.bias]
+    ptrs = [ln_1.weight, ln_1.bias, c_attn.packed, a.c_attn.bias, attn_proj.packed, a.c_proj.bias, ln_2.weight,
+            ln_2.bias, c_fc.packed, m.c_fc.bias, mlp_proj.packed, m.c_proj.bias]
     w = (ctypes.c_void_p * 12)(*[None if t is None else t.data_ptr() for t in ptrs])
-    kernel, nh, eps1, eps2 = lib.decode_block, block.attn.n_head, ln_1.eps, ln_2.eps
-    gelu, work_floats = 1 if approximate == "tanh" else 2, lib.decode_block_work_floats
+    kernel, nh, eps1, eps2, work_floats = lib.decode_block, a.n_head, ln_1.eps, ln_2.eps, lib.decode_block_work_floats
+    gelu = 1 if approximate == "tanh" else 2
 
-    def fused(x, kc, vc, pos):
+    def fused_block(x, kc, vc, pos, slots=None):
         n = x.size(0)
         work = torch.empty(work_floats(n, C))
         kernel(x.data_ptr(), w, n, C, nh, eps1, eps2, gelu, kc.data_ptr(), vc.data_ptr(), kc.size(2), pos.data_ptr(),
-               work.data_ptr(), torch.get_num_threads())
+               None if slots is None else slots.data_ptr(), work.data_ptr(), torch.get_num_threads())
 
-    fused.keep = (ptrs, w)  # the panels and the pointer array live as long as the function
-    return fused
+    fused_block.keep = (ptrs, w)  # the panels and the pointer array live as long as the function
+    return fused_block

@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from .kernels import make_attend, make_linear
+from .kernels import decode_linear, make_attend, make_block
 from .kv_cache import KVCache
 from .sequence import Event, Sequence
 
@@ -34,7 +34,8 @@ Linear = Callable[..., torch.Tensor]
 
 @dataclass(frozen=True, slots=True)
 class LayerPlan:
-    """One block for `tick`: LayerNorms as F.layer_norm's (weight, bias, eps), linears as kernels.make_linear's."""
+    """One block for `tick`: LayerNorms as F.layer_norm's (weight, bias, eps), linears as kernels.make_linear's,
+    and `block`, the whole block as one kernel call (kernels.make_block), None where it cannot run."""
 
     ln_1: tuple[torch.Tensor, torch.Tensor | None, float]
     c_attn: Linear
@@ -42,6 +43,7 @@ class LayerPlan:
     ln_2: tuple[torch.Tensor, torch.Tensor | None, float]
     c_fc: Linear
     mlp_proj: Linear
+    block: Callable | None = None
 
 
 class DecodePlan:
@@ -57,26 +59,30 @@ class DecodePlan:
 
     def __init__(self, model, *, packed: bool = True):
         tr, cfg = model.transformer, model.config
-        lin = {m: make_linear(m.weight, m.bias, packed=packed, approximate=cfg.gelu_approximate)
-               for m in model.modules() if isinstance(m, torch.nn.Linear)}
+        act = cfg.gelu_approximate
+
+        def lin(m):
+            return decode_linear(m, packed=packed, approximate=act)
+
         self.n_head, self.shape = cfg.n_head, (cfg.n_embd,)
         self.wte, self.wpe = tr.wte.weight, tr.wpe.weight
-        self.layers = [
-            LayerPlan((b.ln_1.weight, b.ln_1.bias, b.ln_1.eps), lin[b.attn.c_attn], lin[b.attn.c_proj],
-                      (b.ln_2.weight, b.ln_2.bias, b.ln_2.eps), lin[b.mlp.c_fc], lin[b.mlp.c_proj])
-            for b in tr.h
-        ]
+        self.layers = []
+        for b in tr.h:
+            fs = [lin(b.attn.c_attn), lin(b.attn.c_proj), lin(b.mlp.c_fc), lin(b.mlp.c_proj)]
+            self.layers.append(LayerPlan((b.ln_1.weight, b.ln_1.bias, b.ln_1.eps), fs[0], fs[1],
+                                         (b.ln_2.weight, b.ln_2.bias, b.ln_2.eps), fs[2], fs[3],
+                                         make_block(b, *fs, approximate=act)))
         self.ln_f = (tr.ln_f.weight, tr.ln_f.bias, tr.ln_f.eps)
-        self.head = lin[model.lm_head]
+        self.head = lin(model.lm_head)
 
 
 def tick(plan: DecodePlan, cache: KVCache, tokens, pos, L: int, mask, probe: Probe | None = None, attend=None):
     """One decode cycle for slots 0..n-1: tokens (n,), positions (n,) -> next-token logits (n, V).
 
     Writes each slot's key/value at its own position, then attends over its history: with the
-    compiled `attend` (kernels.make_attend) each row over exactly its own positions; otherwise
-    by index writes and SDPA over the first L positions (mask: (n, 1, 1, L), or None when every
-    row may see all L).
+    compiled `attend` (kernels.make_attend) each row over exactly its own positions, and then each
+    block whose `layer.block` kernel exists in one call; otherwise by index writes and SDPA over the
+    first L positions (mask: (n, 1, 1, L), or None when every row may see all L).
     """
     n, nh, shape = tokens.size(0), plan.n_head, plan.shape
     C = shape[0]
@@ -85,17 +91,20 @@ def tick(plan: DecodePlan, cache: KVCache, tokens, pos, L: int, mask, probe: Pro
     if probe is not None:
         probe.mark("embed")
     for i, layer in enumerate(plan.layers):
-        qkv = layer.c_attn(F.layer_norm(x, shape, *layer.ln_1))  # (n, 3C)
         kc, vc = cache.k[i], cache.v[i]
-        if attend is not None:
-            y = attend(qkv, kc, vc, pos)  # (n, C)
+        if layer.block is not None and attend is not None:
+            layer.block(x, kc, vc, pos)  # the whole block in one kernel call, x updated in place
         else:
-            q, k, v = qkv.view(n, 3, nh, C // nh).unbind(1)  # 3 x (n, nh, hs)
-            kc[rows, :, pos] = k
-            vc[rows, :, pos] = v
-            y = F.scaled_dot_product_attention(q.unsqueeze(2), kc[:n, :, :L], vc[:n, :, :L], attn_mask=mask)  # (n, nh, 1, hs)
-        layer.attn_proj(y.view(n, C), out=x, accumulate=True)  # x += c_proj(y), fused
-        layer.mlp_proj(layer.c_fc(F.layer_norm(x, shape, *layer.ln_2), gelu=True), out=x, accumulate=True)  # x += mlp(ln_2(x))
+            qkv = layer.c_attn(F.layer_norm(x, shape, *layer.ln_1))  # (n, 3C)
+            if attend is not None:
+                y = attend(qkv, kc, vc, pos)  # (n, C)
+            else:
+                q, k, v = qkv.view(n, 3, nh, C // nh).unbind(1)  # 3 x (n, nh, hs)
+                kc[rows, :, pos] = k
+                vc[rows, :, pos] = v
+                y = F.scaled_dot_product_attention(q.unsqueeze(2), kc[:n, :, :L], vc[:n, :, :L], attn_mask=mask)  # (n, nh, 1, hs)
+            layer.attn_proj(y.view(n, C), out=x, accumulate=True)  # x += c_proj(y), fused
+            layer.mlp_proj(layer.c_fc(F.layer_norm(x, shape, *layer.ln_2), gelu=True), out=x, accumulate=True)  # x += mlp(ln_2(x))
         if probe is not None:
             probe.residual(i, x)
             probe.mark(f"block{i}")
