@@ -23,7 +23,7 @@ from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 CSRC = "src/llmclock/csrc"
-COMMON = ["-O3", "-std=c++17", "-fopenmp", "-fPIC", "-Wall"]
+COMMON = ["-O3", "-std=c++17", "-fopenmp", "-fPIC", "-Wall", "-Wno-psabi"]
 X86_LEVELS = {"avx512": ["-march=x86-64-v4"], "avx2": ["-march=x86-64-v3"], "base": ["-march=x86-64"]}
 
 

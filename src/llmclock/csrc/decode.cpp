@@ -16,14 +16,30 @@ static inline float gelu_scalar(float t, int gelu) {
   return 0.5f * t * (1.f + erff(t * 0.7071067811865476f));
 }
 
-/* y[0:MR, 0:nj] (=|+=) act(x[0:MR] @ panel + bias); panel is (K, 32) contiguous */
-static inline __attribute__((always_inline)) void panel_rows(
-    const int MR, const float* x, int64_t ldx, int64_t K, const float* wp,
-    const float* bias, float* y, int64_t ldy, int nj, int gelu, int acc) {
-  v16 a0[8], a1[8], c0[8], c1[8];
+/* the finished sums of MR rows (r, MR x 32) -> y[0:MR, 0:nj], with bias, GELU and the residual add */
+static inline void store_rows(int MR, const float* r, const float* bias, float* y, int64_t ldy, int nj, int gelu,
+                              int acc) {
+  for (int m = 0; m < MR; ++m) {
+    float* yr = y + m * ldy;
+    for (int j = 0; j < nj; ++j) {
+      float t = r[m * P + j] + (bias ? bias[j] : 0.f);
+      if (gelu) t = gelu_scalar(t, gelu);
+      yr[j] = acc ? yr[j] + t : t;
+    }
+  }
+}
+
+#if defined(__AVX512F__)
+/* AVX-512: a panel row is two registers; up to 8 rows share each weight load, two k-steps in flight
+   (4 independent FMA chains per row), 32 accumulators in the 32 zmm registers. */
+#define MR_MAX 8
+template <int MR>
+static inline void panel_rows(const float* x, int64_t ldx, int64_t K, const float* wp, const float* bias, float* y,
+                              int64_t ldy, int nj, int gelu, int acc) {
+  v16 a0[MR], a1[MR], c0[MR], c1[MR];
   for (int m = 0; m < MR; ++m) a0[m] = a1[m] = c0[m] = c1[m] = (v16){0};
   int64_t k = 0;
-  for (; k + 1 < K; k += 2) {  /* two k-steps in flight: 4 independent FMA chains/row */
+  for (; k + 1 < K; k += 2) {
     __builtin_prefetch(wp + k * P + PF);      __builtin_prefetch(wp + k * P + PF + 16);
     __builtin_prefetch(wp + k * P + PF + 32); __builtin_prefetch(wp + k * P + PF + 48);
     const v16 w0 = *(const v16*)(wp + k * P), w1 = *(const v16*)(wp + k * P + 16);
@@ -37,19 +53,48 @@ static inline __attribute__((always_inline)) void panel_rows(
     const v16 w0 = *(const v16*)(wp + k * P), w1 = *(const v16*)(wp + k * P + 16);
     for (int m = 0; m < MR; ++m) { a0[m] += x[m * ldx + k] * w0; a1[m] += x[m * ldx + k] * w1; }
   }
+  float r[MR * P];
   for (int m = 0; m < MR; ++m) {
-    float r[P];
     const v16 s0 = a0[m] + c0[m], s1 = a1[m] + c1[m];
-    memcpy(r, &s0, 64); memcpy(r + 16, &s1, 64);
-    float* yr = y + m * ldy;
-    for (int j = 0; j < nj; ++j) {
-      float t = r[j] + (bias ? bias[j] : 0.f);
-      if (gelu) t = gelu_scalar(t, gelu);
-      yr[j] = acc ? yr[j] + t : t;
+    memcpy(r + m * P, &s0, 64); memcpy(r + m * P + 16, &s1, 64);
+  }
+  store_rows(MR, r, bias, y, ldy, nj, gelu, acc);
+}
+#else
+/* Narrower vectors (AVX2: 8 floats, SSE / NEON: 4): a panel row is P / VW registers, and as many
+   rows share each weight load as keep the accumulators in the 16 registers (a 64-byte vector type
+   here would be split by the compiler through memory, ~10x slower). */
+#if defined(__AVX__)
+#define VW 8
+#define MR_MAX 3
+#else
+#define VW 4
+#define MR_MAX 2
+#endif
+typedef float vn __attribute__((vector_size(VW * 4), aligned(4)));
+#define NV (P / VW)
+template <int MR>
+static inline void panel_rows(const float* x, int64_t ldx, int64_t K, const float* wp, const float* bias, float* y,
+                              int64_t ldy, int nj, int gelu, int acc) {
+  vn a[MR][NV];
+  for (int m = 0; m < MR; ++m) for (int v = 0; v < NV; ++v) a[m][v] = (vn){0};
+  for (int64_t k = 0; k < K; ++k) {
+    __builtin_prefetch(wp + k * P + PF); __builtin_prefetch(wp + k * P + PF + 16);
+    vn w[NV];
+    for (int v = 0; v < NV; ++v) w[v] = *(const vn*)(wp + k * P + v * VW);
+    for (int m = 0; m < MR; ++m) {
+      const float u = x[m * ldx + k];
+      for (int v = 0; v < NV; ++v) a[m][v] += u * w[v];
     }
   }
+  float r[MR * P];
+  for (int m = 0; m < MR; ++m) for (int v = 0; v < NV; ++v) memcpy(r + m * P + v * VW, &a[m][v], VW * 4);
+  store_rows(MR, r, bias, y, ldy, nj, gelu, acc);
 }
+#endif
 
+/* y (M, N) (=|+=) act(x (M, K) W^T + bias), W packed as panels of 32 output columns (K, 32) each;
+   the panels are split over the threads, up to MR_MAX rows per pass over a panel. */
 extern "C" void linear_panels(const float* x, int64_t M, int64_t ldx, int64_t K,
                               const float* wp, int64_t N, const float* bias, float* y,
                               int64_t ldy, int gelu, int acc, int nthreads) {
@@ -59,11 +104,18 @@ extern "C" void linear_panels(const float* x, int64_t M, int64_t ldx, int64_t K,
     const float* w = wp + p * K * P;
     const int nj = (int)(N - p * P < P ? N - p * P : P);
     const float* b = bias ? bias + p * P : 0;
-    for (int64_t m0 = 0; m0 < M; m0 += 8) {
+    for (int64_t m0 = 0; m0 < M; m0 += MR_MAX) {
       const float* xr = x + m0 * ldx; float* yr = y + m0 * ldy + p * P;
-      switch (M - m0 < 8 ? M - m0 : 8) {
-#define R(n) case n: panel_rows(n, xr, ldx, K, w, b, yr, ldy, nj, gelu, acc); break;
+      switch (M - m0 < MR_MAX ? M - m0 : MR_MAX) {
+#define R(n) case n: panel_rows<n>(xr, ldx, K, w, b, yr, ldy, nj, gelu, acc); break;
+#if MR_MAX == 8
         R(1) R(2) R(3) R(4) R(5) R(6) R(7) default: R(8)
+#elif MR_MAX == 3
+        R(1) R(2) default: R(3)
+#else
+        R(1) default: R(2)
+#endif
+#undef R
       }
     }
   }
