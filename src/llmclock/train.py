@@ -142,7 +142,8 @@ def train(
 
     `init_from` starts from a checkpoint's weights (fine-tuning); `resume` continues OUT_DIR's own
     run exactly. `on_step(step, loss)` is called after every optimizer step; an exception it
-    raises (KeyboardInterrupt included) stops training after a checkpoint is saved.
+    raises stops training. Only a KeyboardInterrupt (Ctrl-C, from anywhere in the loop) saves a
+    checkpoint first, and only when a step was taken since the start or the last save.
     """
     from .data import eval_batches, get_batch
 
