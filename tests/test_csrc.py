@@ -27,10 +27,12 @@ def _compile(cxx: str, flags: list[str], tmp_path: Path) -> None:
         assert r.returncode == 0, f"{src.name}:\n{r.stderr[-3000:]}"
 
 
+@pytest.mark.slow
 def test_sources_compile_for_aarch64(tmp_path):
     _compile(requires_tool("aarch64-linux-gnu-g++"), [], tmp_path)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not X86, reason="an x86-64 compiler target")
 def test_sources_compile_for_x86_64_baseline(tmp_path):
     _compile(requires_tool("g++"), ["-march=x86-64", "-mno-avx", "-mno-avx512f"], tmp_path)
