@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml setup.py
 	$(BIN)/python -m pip install -q -e '.[test,hf]'
 	touch $(STAMP)
 
-$(KERNELS): $(STAMP) $(wildcard src/llmclock/csrc/*)
+$(KERNELS): $(wildcard src/llmclock/csrc/*) | $(STAMP)
 	$(BIN)/python setup.py -q build_ext --inplace
 	touch $(KERNELS)
 
