@@ -106,8 +106,10 @@ def write_checkpoint(
     *,
     optimizer: torch.optim.Optimizer | None = None,
     train_state: dict | None = None,
+    extra=None,
 ) -> None:
-    """Write a complete checkpoint to a new directory `dest` (temp dir + rename)."""
+    """Write a complete checkpoint to a new directory `dest` (temp dir + rename); `extra(tmp)`
+    may add files of its own before the rename."""
     from safetensors.torch import save_file
 
     with atomic_dir(dest) as tmp:
@@ -119,6 +121,8 @@ def write_checkpoint(
             save_file(optimizer_state(model, optimizer), str(tmp / OPTIMIZER))
         if train_state is not None:
             write_json(tmp / STATE, train_state)
+        if extra is not None:
+            extra(tmp)
 
 
 @contextlib.contextmanager
@@ -154,6 +158,13 @@ def save_checkpoint(link: Path, model, tokenizer, *, step: int, optimizer=None, 
     Returns the versioned directory written. Older versions are removed only after the link
     points at the new one.
     """
+    return save_versioned(
+        link, step, lambda target: write_checkpoint(target, model, tokenizer, optimizer=optimizer, train_state=train_state)
+    )
+
+
+def save_versioned(link: Path, step: int, write) -> Path:
+    """`write(target)` creates the versioned directory (atomically); then `link` is repointed to it."""
     link = Path(link)
     if link.exists() and not link.is_symlink():
         raise LLMClockError(f"{link} is a directory, not a checkpoint link; refusing to replace it")
@@ -162,7 +173,7 @@ def save_checkpoint(link: Path, model, tokenizer, *, step: int, optimizer=None, 
         if link.is_symlink() and os.readlink(link) == target.name:
             os.unlink(link)
         shutil.rmtree(target)
-    write_checkpoint(target, model, tokenizer, optimizer=optimizer, train_state=train_state)
+    write(target)
     tmp_link = link.parent / f".{link.name}.link-{os.getpid()}"
     if tmp_link.is_symlink():
         tmp_link.unlink()

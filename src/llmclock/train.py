@@ -105,10 +105,11 @@ def init_distributed(device: torch.device) -> tuple[Dist, torch.device]:
 
 
 class MetricsLog:
-    """metrics.jsonl (append, so a resumed run continues it) and TensorBoard when installed."""
+    """metrics.jsonl (append, so a resumed run continues it), TensorBoard when installed, and
+    Weights & Biases when `wandb` (keyword arguments for `wandb.init`: project, config, ...) is given."""
 
-    def __init__(self, path: Path, enabled: bool):
-        self.path, self.enabled, self.tb = path, enabled, None
+    def __init__(self, path: Path, enabled: bool, *, wandb: dict | None = None):
+        self.path, self.enabled, self.tb, self.wandb = path, enabled, None, None
         if enabled:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -116,6 +117,12 @@ class MetricsLog:
                 self.tb = SummaryWriter(str(path.parent / "tensorboard"))
             except ImportError:
                 pass
+        if enabled and wandb is not None:
+            try:
+                import wandb as wb
+            except ImportError:
+                raise LLMClockError("--wandb needs Weights & Biases: pip install 'llmclock[wandb]'") from None
+            self.wandb = wb.init(dir=str(path.parent), **wandb)
 
     def write(self, **record) -> None:
         if not self.enabled:
@@ -127,10 +134,16 @@ class MetricsLog:
             for k, v in record.items():
                 if isinstance(v, float) and k not in ("step", "time"):
                     self.tb.add_scalar(f"{prefix}/{k}", v, record["step"])
+        if self.wandb is not None:
+            prefix = record.get("split", "train")
+            scalars = {f"{prefix}/{k}": v for k, v in record.items() if isinstance(v, float) and k != "time"}
+            self.wandb.log(scalars, step=record["step"])
 
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
 
 
 def train(
@@ -145,12 +158,14 @@ def train(
     progress: bool = True,
     log_interval: int = 10,
     on_step=None,
+    wandb: dict | None = None,
 ) -> TrainResult:
     """Train on `data` (a data.TokenData) and keep a resumable checkpoint at OUT_DIR/ckpt.
 
     `init_from` starts from a checkpoint's weights (fine-tuning); `resume` continues OUT_DIR's own
-    run exactly. `on_step(step, loss)` is called after every optimizer step; an exception it
-    raises (KeyboardInterrupt included) stops training after a checkpoint is saved.
+    run exactly; `wandb` (wandb.init's keyword arguments) also logs to Weights & Biases.
+    `on_step(step, loss)` is called after every optimizer step; an exception it raises
+    (KeyboardInterrupt included) stops training after a checkpoint is saved.
     """
     from .data import eval_batches, get_batch
 
@@ -216,7 +231,7 @@ def train(
     if dist.main:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
-    log = MetricsLog(out_dir / "metrics.jsonl", dist.main)
+    log = MetricsLog(out_dir / "metrics.jsonl", dist.main, wandb=wandb)
     # Evaluation forwards: on a GPU as few as fit ~128 MB of logits (fewer, larger matmuls); on the
     # CPU ~2048 tokens each, whose activations stay in cache (240 x 64 tokens of the bench's model
     # took 0.54 s in one forward, 0.32-0.34 s in forwards of 24 sequences).
