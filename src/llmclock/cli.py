@@ -96,7 +96,8 @@ def cmd_train(a) -> None:
     else:
         mcfg = _model_config(a, data.vocab_size)
     try:
-        r = train(mcfg, cfg, data, a.out, tokenizer=tok, resume=a.resume, init_from=a.init_from)
+        wandb = {"project": a.wandb, "config": cfg.to_dict() | {"model": mcfg.to_dict()}} if a.wandb else None
+        r = train(mcfg, cfg, data, a.out, tokenizer=tok, resume=a.resume, init_from=a.init_from, wandb=wandb)
     except KeyboardInterrupt:
         _print(f"interrupted: checkpoint saved in {a.out}/ckpt; continue with the same command plus --resume")
         raise
@@ -120,19 +121,6 @@ def cmd_demo(a) -> None:
              seed=a.seed, max_files=a.max_files, echo=_print)
 
 
-def cmd_eval(a) -> None:
-    from .checkpoint import load_checkpoint
-    from .data import TokenData
-    from .evaluate import evaluate_checkpoint
-
-    model, tok = load_checkpoint(a.ckpt, device=a.device if a.device != "auto" else "cpu")
-    data = TokenData(a.data)
-    for split in a.splits:
-        r = evaluate_checkpoint(model, data, split, batch_size=a.batch_size, block_size=a.block_size,
-                                batches=a.batches, seed=a.seed)
-        _print(f"{split}: loss {r['loss']:.4f}  ppl {r['ppl']:.2f}  next-token acc {r['acc']:.3f}  bits/token {r['bits_per_token']:.3f}")
-
-
 # ---------------------------------------------------------------- engine
 
 
@@ -154,12 +142,19 @@ def _engine(a, slots: int = 1):
     from .train import resolve_device
 
     torch.set_num_threads(a.threads) if a.threads else None
-    model, tok = load_checkpoint(a.ckpt, device=resolve_device(a.device))
+    if a.adapter:  # LoRA/AdaLoRA folded into the weights in memory: the engine streams plain weights
+        from .adapters import load_adapted
+
+        model, tok = load_adapted(a.ckpt, a.adapter, device=resolve_device(a.device), merged=True)
+    else:
+        model, tok = load_checkpoint(a.ckpt, device=resolve_device(a.device))
     return Engine(model, tok, slots=slots, compile=a.compile)
 
 
 def cmd_generate(a) -> None:
     params = _sampling(a)
+    if a.best_of or a.n > 1:
+        return _generate_ranked(a, params)
     engine = _engine(a)
     for i in range(a.num_samples):
         if a.num_samples > 1:
@@ -172,10 +167,42 @@ def cmd_generate(a) -> None:
             params.seed += 1
 
 
+def _generate_ranked(a, params) -> None:
+    """--n samples of one prompt, drawn at once on the engine's slots; with --best-of K, the n
+    best of K by mean token logprob."""
+    import dataclasses
+
+    k = a.best_of or a.n
+    if k < a.n:
+        raise LLMClockError(f"--best-of ({k}) must be at least --n ({a.n})")
+    if params.greedy and k > 1:
+        raise LLMClockError("--n/--best-of need sampling: greedy decoding gives the same text every time")
+    base = params.seed
+    plist = [dataclasses.replace(params, seed=None if base is None else base + i) for i in range(k)]
+    done = _engine(a, slots=min(k, 8)).complete([a.prompt] * k, plist, truncate=a.truncate)
+    ranked = sorted(done, key=lambda c: -sum(c.logprobs) / max(1, len(c.logprobs))) if a.best_of else done
+    for i, c in enumerate(ranked[: a.n]):
+        mean = sum(c.logprobs) / max(1, len(c.logprobs))
+        _print(f"--- sample {i + 1} of {k} (mean logprob {mean:.3f})")
+        _print(a.prompt + c.text)
+
+
 def cmd_chat(a) -> None:
     from .chat import chat_loop
+    from .sft import ChatTemplate
 
-    chat_loop(_engine(a), _sampling(a), system=a.system, echo=_print, read=input)
+    template = (ChatTemplate.load(a.adapter) if a.adapter else None) or ChatTemplate.load(a.ckpt)
+    retrieve = None
+    if a.docs:
+        from .retrieval import DocIndex
+
+        index = DocIndex(a.docs, a.index)
+        counts = index.refresh()
+        _print(f"docs: {a.docs} indexed in {index.path} ({counts['indexed']} new or changed, "
+               f"{counts['unchanged']} unchanged, {counts['removed']} removed)")
+        retrieve = lambda text: index.search(text, a.passages)  # noqa: E731
+    chat_loop(_engine(a), _sampling(a), system=a.system, echo=_print, read=input, template=template,
+              retrieve=retrieve)
 
 
 def cmd_trace(a) -> None:
@@ -269,10 +296,10 @@ def _add_train_args(p) -> None:
     g.add_argument("--device", default="auto")
 
 
-def _add_sampling_args(p) -> None:
+def _add_sampling_args(p, *, temperature: float = 0.8, max_new_tokens: int = 200) -> None:
     g = p.add_argument_group("sampling")
-    g.add_argument("--max-new-tokens", type=int, default=200)
-    g.add_argument("--temperature", type=float, default=0.8)
+    g.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+    g.add_argument("--temperature", type=float, default=temperature)
     g.add_argument("--top-k", type=int, default=0)
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--min-p", type=float, default=0.0)
@@ -332,25 +359,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", help="default: DATA/tokenizer.json")
     p.add_argument("--resume", action="store_true", help="continue OUT's run exactly where it stopped")
     p.add_argument("--init-from", help="start from this checkpoint's weights (fine-tuning)")
+    p.add_argument("--wandb", metavar="PROJECT", help="also log to Weights & Biases (WANDB_MODE=offline works)")
     _add_model_args(p)
     _add_train_args(p)
     p.set_defaults(fn=cmd_train)
 
-    p = sub.add_parser("eval", help="loss, perplexity and accuracy of a checkpoint on prepared shards")
-    p.add_argument("--ckpt", required=True)
-    p.add_argument("--data", required=True)
-    p.add_argument("--splits", nargs="+", default=["val", "test"])
-    p.add_argument("--batch-size", type=int, default=12)
-    p.add_argument("--block-size", type=int)
-    p.add_argument("--batches", type=int, default=50)
-    p.add_argument("--seed", type=int, default=1337)
-    p.add_argument("--device", default="auto")
-    p.set_defaults(fn=cmd_eval)
+    from .cli_apps import add_commands
+
+    add_commands(sub, _add_sampling_args)
 
     p = sub.add_parser("generate", help="continue a prompt, streaming tokens as the clock ticks")
     p.add_argument("--ckpt", required=True)
     p.add_argument("--prompt", required=True)
-    p.add_argument("--num-samples", type=int, default=1)
+    p.add_argument("--num-samples", type=int, default=1, help="samples one after another, streamed")
+    p.add_argument("--n", type=int, default=1, help="samples drawn at once on the engine's slots")
+    p.add_argument("--best-of", type=int, help="draw this many and show the --n with the highest mean logprob")
+    p.add_argument("--adapter", help="a LoRA/AdaLoRA adapter directory (llmclock finetune) to apply")
     p.add_argument("--truncate", action="store_true", help="drop the prompt's oldest tokens if it exceeds the context")
     _add_sampling_args(p)
     p.set_defaults(fn=cmd_generate)
@@ -358,6 +382,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("chat", help="multi-turn chat in the terminal")
     p.add_argument("--ckpt", required=True)
     p.add_argument("--system", default="", help="system message")
+    p.add_argument("--adapter", help="a LoRA/AdaLoRA adapter directory (llmclock finetune) to apply")
+    p.add_argument("--docs", help="a folder of text: retrieve passages for each turn (SQLite FTS5, BM25)")
+    p.add_argument("--index", help="where the --docs index is cached (default: ~/.cache/llmclock/docs-*.sqlite)")
+    p.add_argument("--passages", type=int, default=3, help="passages retrieved per turn (fewer if the context is full)")
     _add_sampling_args(p)
     p.set_defaults(fn=cmd_chat)
 
@@ -367,6 +395,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="directory for trace.jsonl, trace.perfetto.json, trace.png")
     p.add_argument("--logit-lens", help="layers to read the residual stream at: 'all' or e.g. '0,5,-1'")
     p.add_argument("--top-n", type=int, default=5, help="alternatives recorded per cycle")
+    p.add_argument("--adapter", help="a LoRA/AdaLoRA adapter directory (llmclock finetune) to apply")
     p.add_argument("--truncate", action="store_true", help="drop the prompt's oldest tokens if it exceeds the context")
     _add_sampling_args(p)
     p.set_defaults(fn=cmd_trace)
@@ -390,7 +419,7 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-SPINNING_COMMANDS = ("train", "demo")
+SPINNING_COMMANDS = ("train", "demo", "finetune")
 
 
 def main(argv: list[str] | None = None) -> int:

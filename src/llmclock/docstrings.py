@@ -140,3 +140,24 @@ def summarize_file(engine, path: str | Path, *, max_new_tokens: int = 40) -> lis
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, stop=["\n"])
     texts = generate_all(engine, [PROMPT.format(source=f.source) for f in fns], params)
     return [(f, t.strip()) for f, t in zip(fns, texts)]
+
+
+def load_split(set_dir: str | Path, split: str, *, limit: int | None = None) -> list[dict]:
+    """The first `limit` records of a built set's split."""
+    from .records import read_jsonl
+
+    rows = [obj for _, obj in read_jsonl(Path(set_dir) / f"{split}.jsonl")]
+    return rows[:limit]
+
+
+def score(model, tokenizer, rows: list[dict], *, slots: int = 8, max_new_tokens: int = 32, progress=None):
+    """(metrics, outputs): greedy one-line summaries of `rows` on the engine, scored against their
+    references (ROUGE, BLEU, chrF, exact match; see evalgen)."""
+    from .engine import Engine, SamplingParams
+    from .evalgen import GenExample, evaluate_generation
+
+    engine = Engine(model, tokenizer, slots=slots)
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, stop=["\n"])
+    examples = [GenExample(r["prompt"], [r["reference"]]) for r in rows]
+    metrics, out = evaluate_generation(engine, examples, params, progress=progress)
+    return metrics, [o["output"].strip() for o in out]

@@ -177,6 +177,19 @@ LM_KEYS = ("bits_per_byte", "loss", "ppl", "bits_per_token", "acc", "tokens")
 GEN_KEYS = ("bleu", "chrf", "rouge1", "rouge2", "rougeL", "exact_match", "examples")
 
 
+def format_lines(results: dict[str, dict]) -> str:
+    """{section: metrics} of one model -> one line per section, e.g. `val: loss 1.2345  ppl 3.44 ...`."""
+    labels = {"loss": "loss", "ppl": "ppl", "acc": "next-token acc", "bits_per_token": "bits/token",
+              "bits_per_byte": "bits/byte", "tokens": "tokens", "bleu": "BLEU", "chrf": "chrF", "rouge1": "ROUGE-1", "rouge2": "ROUGE-2",
+              "rougeL": "ROUGE-L", "exact_match": "exact match", "examples": "examples"}
+    lines = []
+    for section, r in results.items():
+        cells = [f"{labels[k]} {r[k]:,}" if isinstance(r[k], int) else f"{labels[k]} {r[k]:.4f}"
+                 for k in labels if k in r]
+        lines.append(f"{section}: " + "  ".join(cells))
+    return "\n".join(lines)
+
+
 def format_table(results: dict[str, dict[str, dict]], *, bpb_first: bool = False) -> str:
     """{model name: {section: {metric: value}}} -> an aligned text table, one column per model."""
     names = list(results)

@@ -197,7 +197,9 @@ def finetune(
             last_loss = loss.item()
             if not math.isfinite(last_loss):
                 raise LLMClockError(f"fine-tuning diverged at step {step} (loss {last_loss}); lower the learning rate")
-            if step % log_interval == 0 or step == recipe.max_steps:
+            stopping = step == recipe.max_steps or (
+                recipe.max_seconds is not None and time.perf_counter() - t0 >= recipe.max_seconds)
+            if step % log_interval == 0 or stopping:
                 now = time.perf_counter()
                 log.write(step=step, split="train", loss=last_loss, lr=lr, tokens_per_s=tokens / (now - t0),
                           time=now - t0)
@@ -209,7 +211,7 @@ def finetune(
                 on_step(step, last_loss)
             if recipe.checkpoint_interval and step % recipe.checkpoint_interval == 0 and step < recipe.max_steps:
                 save(step)
-            if recipe.max_seconds is not None and time.perf_counter() - t0 >= recipe.max_seconds:
+            if stopping:
                 break
     except KeyboardInterrupt:
         if step > start:
