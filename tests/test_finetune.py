@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from llmclock.adapters import AdapterConfig, apply_adapter, attach_adapter, guard_fused, merge
+from llmclock.adapters import AdapterConfig, apply_adapter, guard_fused, load_adapted, merge
 from llmclock.checkpoint import load_checkpoint, write_checkpoint
 from llmclock.config import TrainConfig
 from llmclock.errors import LLMClockError
@@ -127,8 +127,7 @@ def test_lora_merge_gives_base_plus_adapter_logits(tmp_path, base_ckpt, train_fi
 
     r = finetune(base_ckpt, train_file, tmp_path / "ft", _recipe(max_steps=2), AdapterConfig(method="lora", r=4),
                  progress=False)
-    model, _ = load_checkpoint(base_ckpt)
-    adapted = attach_adapter(model, r.ckpt)
+    adapted, _ = load_adapted(base_ckpt, r.ckpt)
     x = torch.randint(20, (2, 12))
     with torch.no_grad():
         want = adapted(x)[0]
@@ -163,7 +162,7 @@ def test_adalora_trains_and_merges(tmp_path, base_ckpt, train_file):
 
     r = finetune(base_ckpt, train_file, tmp_path / "ft", _recipe(max_steps=12),
                  AdapterConfig(method="adalora", r=2, init_r=4, tinit=2, tfinal=3, delta_t=2), progress=False)
-    model = attach_adapter(load_checkpoint(base_ckpt)[0], r.ckpt)
+    model, _ = load_adapted(base_ckpt, r.ckpt)
     x = torch.randint(20, (1, 10))
     with torch.no_grad():
         want = model(x)[0]
@@ -202,9 +201,10 @@ def test_adapter_on_the_wrong_base_is_refused(tmp_path, base_ckpt, train_file, c
     r = finetune(base_ckpt, train_file, tmp_path / "ft", _recipe(max_steps=2), AdapterConfig(method="lora", r=4),
                  progress=False)
     torch.manual_seed(99)
-    other = GPT(preset("test", vocab_size=char_tok.vocab_size))
+    write_checkpoint(tmp_path / "other", GPT(preset("test", vocab_size=char_tok.vocab_size)), char_tok)
     with pytest.raises(LLMClockError, match="other base weights"):
-        attach_adapter(other, r.ckpt)
+        load_adapted(tmp_path / "other", r.ckpt)
+    load_adapted(base_ckpt, r.ckpt)  # the right base is accepted
 
 
 def test_bottleneck_adapter_cannot_merge():

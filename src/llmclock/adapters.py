@@ -199,15 +199,15 @@ def adapter_state(model: nn.Module, base_keys: set[str]) -> dict[str, torch.Tens
             if k in trainable or _base_key(k) not in base_keys}
 
 
-def weights_hash(model: nn.Module) -> str:
-    """sha256 over the plain model's tensors (names, dtypes, shapes, bytes; tied head left out)."""
-    from .checkpoint import model_state
+def base_weights_hash(ckpt: str | Path) -> str:
+    """The sha256 of a checkpoint's model.safetensors: the one its config.json records, else computed."""
+    from .checkpoint import CONFIG, HASHES, WEIGHTS, file_sha256, read_json
 
-    h = hashlib.sha256()
-    for k, v in sorted(model_state(model).items()):
-        h.update(f"{k}:{v.dtype}:{tuple(v.shape)}\n".encode())
-        h.update(v.numpy().tobytes() if v.dtype != torch.bfloat16 else v.view(torch.int16).numpy().tobytes())
-    return h.hexdigest()
+    ckpt = Path(ckpt)
+    recorded = read_json(ckpt / CONFIG).get(HASHES, {}).get(WEIGHTS)
+    if not (ckpt / WEIGHTS).is_file():
+        raise LLMClockError(f"{ckpt / WEIGHTS}: missing")
+    return recorded or file_sha256(ckpt / WEIGHTS)
 
 
 def write_adapter(dest: Path, model: nn.Module, cfg: AdapterConfig, *, base_hash: str, base_config: dict,
@@ -237,15 +237,16 @@ def read_adapter_config(adapter_dir: Path) -> tuple[AdapterConfig, dict]:
         raise LLMClockError(f"{adapter_dir / ADAPTER_CONFIG}: {e}") from None
 
 
-def attach_adapter(model: nn.Module, adapter_dir: str | Path) -> nn.Module:
-    """Load a saved adapter onto `model` (a loaded base GPT), checking it was trained on these weights."""
+def attach_adapter(model: nn.Module, adapter_dir: str | Path, base_hash: str) -> nn.Module:
+    """Load a saved adapter onto `model` (a loaded base GPT whose weights file has sha256
+    `base_hash`), refusing an adapter trained on other weights."""
     from .checkpoint import read_tensors
 
     adapter_dir = Path(adapter_dir)
     cfg, meta = read_adapter_config(adapter_dir)
     if cfg.method == "full":
         raise LLMClockError(f"{adapter_dir}: a full fine-tune is a checkpoint of its own: pass it as --ckpt")
-    if weights_hash(model) != meta.get("base_weights_hash"):
+    if base_hash != meta.get("base_weights_hash"):
         raise LLMClockError(f"{adapter_dir}: this adapter was trained on other base weights (weights hash differs)")
     tensors = read_tensors(adapter_dir / ADAPTER_WEIGHTS)
     wrapped = apply_adapter(model, cfg)
@@ -274,7 +275,7 @@ def load_adapted(ckpt: str | Path, adapter: str | Path | None, *, device="cpu", 
     model, tok = load_checkpoint(ckpt, device="cpu")
     if adapter is None:
         return model.to(device), tok
-    model = attach_adapter(model, adapter)
+    model = attach_adapter(model, adapter, base_weights_hash(ckpt))
     if merged:
         if any(isinstance(m, AdaptedLinear) for m in model.modules()):
             raise LLMClockError(

@@ -2,8 +2,9 @@
 
 GPT-2-style models have no chat tokens, so turns are rendered as labelled paragraphs (the
 checkpoint's chat_template.json when fine-tuning stored one, else `System:` / `User:` /
-`Assistant:`) and the assistant's turn ends at end-of-text or when the model starts the next
-turn. With retrieval (`--docs`), each user turn's best passages go in a system message first.
+`Assistant:`; see sft.ChatTemplate) and the assistant's turn ends at end-of-text or when the
+model starts the next turn. With retrieval (`--docs`), each user turn's best passages go in a
+system message in front of the conversation.
 """
 
 from __future__ import annotations
@@ -43,8 +44,12 @@ def chat_loop(engine, params, *, system: str = "", echo=print, read=input, templ
               retrieve=None) -> list[dict]:
     """Read user lines until EOF or '/exit'; stream each reply. Returns the conversation.
 
-    `retrieve(text)` -> passages (retrieval.Passage) for a user turn: the ones that fit the
-    context are put in front of the conversation and listed after the reply.
+    `retrieve(text)` -> passages (retrieval.Passage) for a user turn: those that fit the context
+    go in front of the conversation and are listed after the reply.
+
+    Ctrl-C while a reply streams stops that reply (what was said stays in the history) and
+    returns to the prompt; Ctrl-C at the prompt propagates. A line that was not valid UTF-8
+    (undecodable bytes arrive as surrogates) is refused with a note.
     """
     from .retrieval import with_passages
 
@@ -52,13 +57,18 @@ def chat_loop(engine, params, *, system: str = "", echo=print, read=input, templ
     params.stop = list(dict.fromkeys(list(params.stop) + template.stop))
     budget = engine.max_len - min(params.max_new_tokens, engine.max_len // 2)
     history: list[dict] = [{"role": "system", "content": system}] if system else []
-    echo("chat: type a message, /reset to forget, /exit or Ctrl-D to leave")
+    echo("chat: type a message, /reset to forget, /exit or Ctrl-D to leave; Ctrl-C stops a reply")
     while True:
         try:
             line = read("you> ")
         except EOFError:
             echo()
             return history
+        except UnicodeDecodeError:
+            line = "\udcff"  # a strict stdin: same note as below
+        if any("\udc80" <= ch <= "\udcff" for ch in line):
+            echo("(that line is not valid UTF-8 text; type it again)")
+            continue
         if line.strip() in ("/exit", "/quit"):
             return history
         if line.strip() == "/reset":
@@ -71,11 +81,23 @@ def chat_loop(engine, params, *, system: str = "", echo=print, read=input, templ
             prompt_msgs, used = with_passages(history, retrieve(line),
                                               lambda m: _fits(m, engine.tokenizer, budget, template))
         echo("bot> ", end="")
-        reply = ""
-        for ev in engine.generate([render(prompt_msgs, template)], params):
-            echo(ev.text, end="")
-            reply += ev.text
-        echo()
+        reply = _reply(engine, render(prompt_msgs, template), params, echo)
         if retrieve is not None:
             echo("sources: " + ("; ".join(f"[{i + 1}] {p.path}#{p.n}" for i, p in enumerate(used)) or "none found"))
         history.append({"role": "assistant", "content": reply.strip()})
+
+
+def _reply(engine, prompt: str, params, echo) -> str:
+    """Stream one reply; Ctrl-C ends it early (the sequence is aborted, its slot freed)."""
+    seq = engine.add(prompt, params)
+    reply = ""
+    try:
+        while engine.has_work():
+            for ev in engine.step():
+                echo(ev.text, end="")
+                reply += ev.text
+        echo()
+    except KeyboardInterrupt:
+        engine.abort(seq.request_id)
+        echo(" [stopped]")
+    return reply

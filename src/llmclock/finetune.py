@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from . import checkpoint as ckpt_io
-from .adapters import AdapterConfig, apply_adapter, gpt_of, guard_fused, weights_hash, write_adapter
+from .adapters import AdapterConfig, apply_adapter, base_weights_hash, gpt_of, guard_fused, write_adapter
 from .config import TrainConfig
 from .errors import LLMClockError
 from .sft import ChatTemplate, batch_indices, collate, load_examples
@@ -105,7 +105,7 @@ def finetune(
     device = resolve_device(recipe.device)
     model, tok = ckpt_io.load_checkpoint(base, device="cpu")
     base_config = model.config
-    base_hash, base_keys = weights_hash(model), set(ckpt_io.model_state(model))
+    base_hash, base_keys = base_weights_hash(base), set(ckpt_io.model_state(model))
     template = template or ChatTemplate.load(base) or ChatTemplate()
     max_len = min(recipe.block_size, base_config.block_size) + 1
     train_ex = load_examples(train_path, tok, template, max_len=max_len)

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from . import checkpoint as ckpt_io
-from .config import ModelConfig, TrainConfig
+from .config import ModelConfig, TrainConfig, resolve_device  # noqa: F401 (resolve_device: also imported from here)
 from .errors import LLMClockError
 from .evaluate import evaluate
 from .fused import fuse_cpu_ops
@@ -68,14 +68,6 @@ def make_optimizer(model: GPT, cfg: TrainConfig, device: torch.device) -> torch.
         return torch.optim.AdamW(groups, fused=True, **kwargs)
     except (RuntimeError, TypeError):
         return torch.optim.AdamW(groups, **kwargs)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise LLMClockError(f"device {name!r} requested but CUDA is not available")
-    return torch.device(name)
 
 
 @dataclass
