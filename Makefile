@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo demo-finetune test bench clean
 
 setup: $(STAMP)
 
@@ -19,6 +19,10 @@ $(STAMP): pyproject.toml
 
 demo: setup
 	$(BIN)/llmclock demo
+
+# the demo, then its second act: LoRA fine-tuning on docstring summarization, ROUGE-L before/after
+demo-finetune: setup
+	$(BIN)/llmclock demo --finetune-minutes 3
 
 test: setup
 	$(BIN)/python -m pytest

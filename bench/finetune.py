@@ -67,7 +67,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--pretrain-minutes", type=float, default=5.0)
     ap.add_argument("--finetune-seconds", type=float, default=120.0)
-    ap.add_argument("--test-examples", type=int, default=120)
+    ap.add_argument("--test-examples", type=int, default=100)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--lora-lr", type=float, default=2e-3)
     ap.add_argument("--full-lr", type=float, default=3e-4)
@@ -110,7 +110,7 @@ def main() -> None:
 
     def evaluate(model, name):
         t = time.perf_counter()
-        m, outputs = score(model, tok, test, slots=8)
+        m, outputs = score(model, tok, test, slots=8, max_new_tokens=24)
         print(f"      {name:5s} ROUGE-L {m['rougeL']:.2f}  BLEU {m['bleu']:.2f}  ({len(test)} test examples, "
               f"{time.perf_counter() - t:.0f}s)")
         return m, outputs

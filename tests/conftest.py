@@ -57,3 +57,14 @@ def kernel_or_fallback(request, monkeypatch, module) -> bool:
         if module.get_lib() is None:
             pytest.skip("no C++ compiler")
     return request.param
+
+
+def requires(module: str):
+    """Import an optional package (an extra the Makefile installs): skipped where it is missing
+    locally, but a failure in CI (`CI` set), where it must be installed."""
+    import importlib
+    import os
+
+    if os.environ.get("CI"):
+        return importlib.import_module(module)
+    return pytest.importorskip(module)

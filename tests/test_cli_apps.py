@@ -5,10 +5,11 @@ import json
 
 import pytest
 
+from conftest import requires
 from test_cli import one_line_error, run
 
-pytest.importorskip("peft")
-pytest.importorskip("sacrebleu")
+requires("peft")
+requires("sacrebleu")
 
 
 @pytest.fixture(scope="module")
@@ -116,3 +117,14 @@ def test_bad_input_is_one_clear_line(base, args, needle):
     fill = {"base": d / "base", "d": d, "bad": d / "bad.jsonl", "empty": d / "empty.jsonl", "roles": d / "roles.jsonl"}
     one_line_error(run(*[a.format(**fill) for a in args], ok=False), needle)
     assert not (d / "x").exists() and not (d / "m").exists()
+
+
+@pytest.mark.slow
+def test_demo_second_act(tmp_path):
+    p = run("demo", "--minutes", "0.1", "--preset", "test", "--vocab-size", "400", "--max-files", "60",
+            "--finetune-minutes", "0.1", cwd=tmp_path)
+    out = p.stdout
+    assert "[6/7] second act" in out, out
+    if "skipped" not in out:  # a slice with documented functions in train and test
+        assert "before: ROUGE-L" in out and "after:  ROUGE-L" in out and "reference:" in out
+        assert (tmp_path / "runs" / "demo" / "lora" / "ckpt" / "adapter.safetensors").is_file()

@@ -1,4 +1,5 @@
 import json
+import os
 
 import pytest
 import torch
@@ -9,7 +10,9 @@ from llmclock.config import TrainConfig
 from llmclock.errors import LLMClockError
 from llmclock.sft import ChatTemplate, collate, load_examples
 
-peft = pytest.importorskip("peft")
+from conftest import requires
+
+peft = requires("peft")
 
 PAIRS = [("First Citizen:\n", "Speak, speak."), ("All:\n", "Resolved. resolved."), ("You are all ", "resolved rather"),
          ("First, you know ", "Caius Marcius is chief enemy"), ("Before we proceed ", "any further, hear me speak.")]
@@ -100,6 +103,8 @@ def test_adapter_weights_get_gradients_and_change_the_loss_with_fused_kernels(ti
     from llmclock.model import GPT
 
     if get_lib() is None:
+        if os.environ.get("CI"):
+            pytest.fail("the fused kernels did not build in CI")
         pytest.skip("no C++ compiler: no fused kernels to guard against")
     torch.manual_seed(0)
     model = GPT(preset("test", vocab_size=64, n_embd=64, n_head=2)).train()  # head size 32: the block kernel applies
@@ -218,7 +223,7 @@ def test_bottleneck_adapter_cannot_merge():
 
 @pytest.mark.slow
 def test_wandb_offline_run_writes_its_files(tmp_path, base_ckpt, train_file, monkeypatch):
-    pytest.importorskip("wandb")
+    requires("wandb")
     from llmclock.finetune import finetune
 
     monkeypatch.setenv("WANDB_MODE", "offline")

@@ -29,6 +29,9 @@ def add_demo(sub) -> None:
     p.add_argument("--seed", type=options.seed, default=1337)
     add_overwrite(p, "an existing --out")
     p.add_argument("--max-files", type=integer(1), help="use only the first N files of the corpus (quick trials)")
+    p.add_argument("--finetune-minutes", type=number(0.0), default=0.0,
+                   help="second act: LoRA-fine-tune the model this long on docstring summarization and show "
+                   "ROUGE-L before and after (default: 0, off; `make demo-finetune` runs it)")
     p.set_defaults(fn=cmd_demo)
 
 
@@ -36,7 +39,7 @@ def cmd_demo(a) -> None:
     from ..demo import run_demo
 
     run_demo(out=a.out, minutes=a.minutes, preset_name=a.preset, vocab_size=a.vocab_size, overwrite=a.overwrite,
-             seed=a.seed, max_files=a.max_files, echo=echo)
+             seed=a.seed, max_files=a.max_files, finetune_minutes=a.finetune_minutes, echo=echo)
 
 
 # ---------------------------------------------------------------- tokenizer
