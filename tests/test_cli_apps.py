@@ -62,7 +62,7 @@ def test_finetune_generate_merge_eval(base):
 def test_generate_best_of_ranks_by_mean_logprob(base):
     p = run("generate", "--ckpt", base / "base", "--prompt", "Q", "--n", "2", "--best-of", "4", "--seed", "1",
             "--max-new-tokens", "6")
-    means = [float(line.split("mean logprob ")[1].rstrip(")")) for line in p.stdout.splitlines() if "mean logprob" in line]
+    means = [float(line.split("mean logprob ")[1].split(",")[0]) for line in p.stdout.splitlines() if "mean logprob" in line]
     assert len(means) == 2 and means[0] >= means[1]
 
 
@@ -98,12 +98,13 @@ def test_chat_with_docs_shows_its_sources(base, tmp_path):
     (["eval", "--ckpt", "{base}"], "nothing to evaluate"),
     (["eval", "--ckpt", "{base}", "--gen", "{bad}"], ":2: not valid JSON"),
     (["eval", "--ckpt", "{base}", "--gen", "{empty}"], "empty"),
-    (["eval", "--ckpt", "{base}", "--text", "{d}/task.jsonl", "--stride", "0"], "no string field 'text'"),
-    (["eval", "--ckpt", "{base}", "--text", "{d}/task.jsonl", "--text-field", "completion", "--stride", "0"], "stride"),
+    (["eval", "--ckpt", "{base}", "--text", "{d}/task.jsonl"], "task.jsonl:1: no string field 'text'"),
+    (["eval", "--ckpt", "{base}", "--text", "{d}/task.jsonl", "--text-field", "completion", "--block-size", "8",
+      "--stride", "9"], "stride must be between 1 and the block size (8)"),
     (["finetune", "--ckpt", "{base}", "--data", "{bad}", "--out", "{d}/x"], ":2: not valid JSON"),
     (["finetune", "--ckpt", "{base}", "--data", "{roles}", "--out", "{d}/x"], "unknown role 'robot'"),
     (["finetune", "--ckpt", "{base}", "--data", "{d}/task.jsonl", "--out", "{d}/x", "--method", "adalora",
-      "--steps", "2"], "tinit"),
+      "--steps", "4", "--tinit", "5"], "AdaLoRA's tinit (5) + tfinal (1) must be below the run's steps (4)"),
     (["merge", "{base}", "{d}/nope", "{d}/m"], "not found"),
     (["summarize", "--ckpt", "{base}", "{d}/nope.py"], "file not found"),
     (["generate", "--ckpt", "{base}", "--prompt", "Q", "--n", "3", "--best-of", "2"], "at least --n"),
