@@ -94,7 +94,7 @@ def finetune(
 ) -> FinetuneResult:
     """Fine-tune checkpoint `base` on `train_path` (JSONL of {prompt, completion} or {messages})."""
     from .fused import fuse_cpu_ops
-    from .train import MetricsLog, lr_at, make_optimizer, plot_metrics, resolve_device
+    from .train import MetricsLog, lr_at, make_optimizer, plot_metrics, report_step, resolve_device
 
     out_dir, base = Path(out_dir), Path(base)
     link = out_dir / "ckpt"
@@ -199,14 +199,11 @@ def finetune(
                 raise LLMClockError(f"fine-tuning diverged at step {step} (loss {last_loss}); lower the learning rate")
             stopping = step == recipe.max_steps or (
                 recipe.max_seconds is not None and time.perf_counter() - t0 >= recipe.max_seconds)
-            if step % log_interval == 0 or stopping:
-                now = time.perf_counter()
-                log.write(step=step, split="train", loss=last_loss, lr=lr, tokens_per_s=tokens / (now - t0),
-                          time=now - t0)
-                if bar is not None:
-                    bar.set_postfix(loss=f"{last_loss:.4f}", tok_s=f"{tokens / (now - t0):,.0f}")
             if bar is not None:
                 bar.update(1)
+            if step % log_interval == 0 or stopping:
+                elapsed_now = time.perf_counter() - t0
+                report_step(log, bar, step, last_loss, lr, tokens / elapsed_now, elapsed_now)
             if on_step is not None:
                 on_step(step, last_loss)
             if recipe.checkpoint_interval and step % recipe.checkpoint_interval == 0 and step < recipe.max_steps:

@@ -138,6 +138,13 @@ class MetricsLog:
             self.wandb.finish()
 
 
+def report_step(log: MetricsLog, bar, step: int, loss: float, lr: float, tokens_per_s: float, elapsed: float) -> None:
+    """A training step's record in the metrics log and on the progress bar."""
+    log.write(step=step, split="train", loss=loss, lr=lr, tokens_per_s=tokens_per_s, time=elapsed)
+    if bar is not None:
+        bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:,.0f}", lr=f"{lr:.2e}")
+
+
 def train(
     model_config: ModelConfig,
     cfg: TrainConfig,
@@ -293,11 +300,9 @@ def train(
             if not math.isfinite(last_loss):
                 raise LLMClockError(f"training diverged at step {step} (loss {last_loss}); lower the learning rate")
             if step % log_interval == 0 or step == cfg.max_steps:
-                now = time.perf_counter()
-                tps = tokens_per_step * (step - start_step) / (now - t0)
-                log.write(step=step, split="train", loss=last_loss, lr=lr, tokens_per_s=tps, time=now - t0)
-                if bar is not None:
-                    bar.set_postfix(loss=f"{last_loss:.4f}", tok_s=f"{tps:,.0f}", lr=f"{lr:.2e}")
+                elapsed_now = time.perf_counter() - t0
+                report_step(log, bar, step, last_loss, lr, tokens_per_step * (step - start_step) / elapsed_now,
+                            elapsed_now)
             if bar is not None:
                 bar.update(1)
             if on_step is not None:
