@@ -76,6 +76,12 @@ def _eval_one(a, ckpt: str, adapter: str | None) -> tuple[dict, str]:
         if data.tokenizer_hash != tok.hash:
             raise LLMClockError(f"{a.data} was prepared with another tokenizer than {ckpt}'s; compare models with "
                                 "different vocabularies on --text (bits per byte)")
+        from ..memory import check_fits, eval_bytes
+
+        block = a.block_size or model.config.block_size
+        check_fits(eval_bytes(model.config, a.batches * a.batch_size, a.batch_size, block),
+                   f"--batches {a.batches} x --batch-size {a.batch_size} x {block} tokens", "lower --batches",
+                   next(model.parameters()).device)
         for split in a.splits:
             if not data.num_tokens(split):
                 echo(f"{split}: empty in {a.data}, skipped")
@@ -108,6 +114,12 @@ def cmd_eval(a) -> None:
     if not (a.data or a.text or a.gen):
         raise LLMClockError("nothing to evaluate: give --data (prepared splits), --text (files, dirs, JSONL) or --gen")
     path = _free_path(check_out(a.out, "--out", overwrite=True) if a.out else Path(a.ckpt).absolute().parent / "eval.json")
+    if a.data:
+        from ..data import TokenData
+
+        data = TokenData(a.data)
+        for split in a.splits:
+            data.num_tokens(split)  # an unknown split fails before any model loads
     models = {"model": (a.ckpt, a.adapter)} | ({"compare": (a.compare, a.compare_adapter)} if a.compare else {})
     results, hashes = {}, {}
     for name, (ckpt, adapter) in models.items():

@@ -227,7 +227,7 @@ def cmd_train(a) -> None:
     from ..checkpoint import read_config
     from ..config import resolve_device
     from ..data import TokenData
-    from ..memory import check_fits, train_step_bytes
+    from ..memory import check_fits, train_bytes
     from ..tokenizer import Tokenizer
     from ..train import train
 
@@ -266,9 +266,9 @@ def cmd_train(a) -> None:
     if cfg.block_size > mcfg.block_size:
         raise LLMClockError(f"--block-size {cfg.block_size} is larger than the model's context ({mcfg.block_size})")
     device = resolve_device(cfg.device)
-    check_fits(train_step_bytes(mcfg, cfg.batch_size, cfg.block_size), f"a training step of --batch-size "
-               f"{cfg.batch_size} x --block-size {cfg.block_size} on this model", "lower --batch-size (and raise "
-               "--grad-accum to keep the tokens per step) or --block-size", device)
+    check_fits(train_bytes(mcfg, cfg), f"training with --batch-size {cfg.batch_size} x --block-size "
+               f"{cfg.block_size} (and --eval-batches {cfg.eval_batches}) on this model", "lower --batch-size "
+               "(raise --grad-accum to keep the tokens per step), --block-size or --eval-batches", device)
     try:
         wandb = {"project": a.wandb, "config": cfg.to_dict() | {"model": mcfg.to_dict()}} if a.wandb else None
         r = train(mcfg, cfg, data, out, tokenizer=tok, resume=a.resume, init_from=a.init_from, wandb=wandb)
