@@ -100,7 +100,8 @@ def _eval_one(a, ckpt: str, adapter: str | None) -> tuple[dict, str]:
         from .engine_cmds import sampling
 
         examples = load_examples(a.gen, limit=a.limit)
-        params = sampling(a, stop=a.stop or ["\n"])
+        params = sampling(a)
+        params.stop = params.stop or ["\n"]  # one line per answer unless --stop says otherwise
         engine = Engine(merge(model).eval(), tok, slots=a.slots)
         with _bar(len(examples), "generate") as bar:
             out["gen"], out["gen_outputs"] = evaluate_generation(engine, examples, params,
