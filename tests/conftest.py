@@ -68,3 +68,16 @@ def requires(module: str):
     if os.environ.get("CI"):
         return importlib.import_module(module)
     return pytest.importorskip(module)
+
+
+def requires_tool(*names: str) -> None:
+    """Skip when an external program is missing, but fail under CI (env CI set), where it must be installed."""
+    import os
+    import shutil
+
+    missing = [n for n in names if shutil.which(n) is None]
+    if missing:
+        msg = f"needs {', '.join(missing)} on PATH (.ci/run installs it)"
+        if os.environ.get("CI"):
+            pytest.fail(msg)
+        pytest.skip(msg)

@@ -44,6 +44,7 @@ def commands(code: str) -> list[list[str]]:
     return out
 
 
+@pytest.mark.slow
 def test_readme_workflow(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "input.txt").write_text(TEXT)

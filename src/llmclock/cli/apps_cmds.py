@@ -35,23 +35,23 @@ def add_eval(sub) -> None:
 
     p = sub.add_parser("eval", help="LM metrics (loss, perplexity, bits per byte) on shards or any text; "
                        "generation metrics (BLEU, chrF, ROUGE, exact match) on a JSONL set")
-    p.add_argument("--ckpt", required=True, type=options.nonempty)
+    p.add_argument("--ckpt", required=True, type=options.path)
     add_adapter(p)
-    p.add_argument("--data", type=options.nonempty, help="prepared data directory (llmclock prepare): --splits")
+    p.add_argument("--data", type=options.path, help="prepared data directory (llmclock prepare): --splits")
     p.add_argument("--splits", nargs="+", default=["val", "test"], type=options.nonempty,
                    help="(default: val test; an empty split is skipped with a note)")
-    p.add_argument("--text", nargs="+", type=options.nonempty,
+    p.add_argument("--text", nargs="+", type=options.path,
                    help="text files, directories, globs or .jsonl: each document scored whole")
     p.add_argument("--text-field", default="text", type=options.nonempty, help="field of the text in .jsonl inputs")
     p.add_argument("--stride", type=integer(1),
                    help="sliding-window step for documents longer than --block-size (default: --block-size)")
-    p.add_argument("--gen", type=options.nonempty,
+    p.add_argument("--gen", type=options.path,
                    help='JSONL of {"prompt"|"input", "reference"|"references"}: generated on the engine\'s slots')
     p.add_argument("--limit", type=integer(1), help="only the first N --gen examples")
     p.add_argument("--slots", type=integer(1, 256), default=8, help="--gen examples decoded at once (default: 8)")
-    p.add_argument("--compare", type=options.nonempty, help="a second checkpoint on the same data, side by side")
-    p.add_argument("--compare-adapter", type=options.nonempty, help="an adapter for the --compare checkpoint")
-    p.add_argument("--out", type=options.nonempty,
+    p.add_argument("--compare", type=options.path, help="a second checkpoint on the same data, side by side")
+    p.add_argument("--compare-adapter", type=options.path, help="an adapter for the --compare checkpoint")
+    p.add_argument("--out", type=options.path,
                    help="JSON report (default: eval.json beside --ckpt; an existing report is kept: eval-1.json, ...)")
     p.add_argument("--batch-size", type=integer(1), default=12, help="sequences per forward (default: 12)")
     p.add_argument("--block-size", type=integer(1), help="tokens per window (default: the model's context)")
@@ -148,11 +148,11 @@ def cmd_eval(a) -> None:
 
 def add_finetune(sub) -> None:
     p = sub.add_parser("finetune", help="full, LoRA, AdaLoRA or bottleneck-adapter fine-tuning on a JSONL task")
-    p.add_argument("--ckpt", required=True, type=options.nonempty, help="base checkpoint (HF imports included)")
-    p.add_argument("--data", required=True, type=options.nonempty,
+    p.add_argument("--ckpt", required=True, type=options.path, help="base checkpoint (HF imports included)")
+    p.add_argument("--data", required=True, type=options.path,
                    help='JSONL of {"prompt", "completion"} or {"messages": [{"role", "content"}, ...]}')
-    p.add_argument("--val", type=options.nonempty, help="validation JSONL: masked loss every --eval-interval steps")
-    p.add_argument("--out", required=True, type=options.nonempty,
+    p.add_argument("--val", type=options.path, help="validation JSONL: masked loss every --eval-interval steps")
+    p.add_argument("--out", required=True, type=options.path,
                    help="run directory: OUT/ckpt is the adapter (or, for --method full, the checkpoint)")
     p.add_argument("--resume", action="store_true", help="continue OUT's run exactly where it stopped")
     g = p.add_argument_group("method")
@@ -224,9 +224,9 @@ def cmd_finetune(a) -> None:
 
 def add_merge(sub) -> None:
     p = sub.add_parser("merge", help="fold a LoRA/AdaLoRA adapter into plain weights: a checkpoint every command takes")
-    p.add_argument("base", type=options.nonempty)
-    p.add_argument("adapter", type=options.nonempty)
-    p.add_argument("out", type=options.nonempty)
+    p.add_argument("base", type=options.path)
+    p.add_argument("adapter", type=options.path)
+    p.add_argument("out", type=options.path)
     p.set_defaults(fn=cmd_merge)
 
 
@@ -244,9 +244,9 @@ def add_data(sub) -> None:
                                                                             metavar="DATASET")
     p = data.add_parser("docstrings", help="summarization set from Python source: a function -> its docstring's "
                         "first line, split by module")
-    p.add_argument("sources", nargs="*", type=options.nonempty,
+    p.add_argument("sources", nargs="*", type=options.path,
                    help=".py files or directories (default: this Python's standard library)")
-    p.add_argument("--out", required=True, type=options.nonempty, help="new directory: train/val/test.jsonl, manifest")
+    p.add_argument("--out", required=True, type=options.path, help="new directory: train/val/test.jsonl, manifest")
     p.add_argument("--max-chars", type=integer(1), default=600, help="longest function source kept (default: 600)")
     p.add_argument("--val-pct", type=integer(0, 99), default=5, help="percent of modules in validation (default: 5)")
     p.add_argument("--test-pct", type=integer(0, 99), default=5, help="percent of modules in test (default: 5)")
@@ -264,8 +264,8 @@ def cmd_data_docstrings(a) -> None:
 
 def add_summarize(sub) -> None:
     p = sub.add_parser("summarize", help="a one-line summary of each function in a Python file")
-    p.add_argument("file", type=options.nonempty)
-    p.add_argument("--ckpt", required=True, type=options.nonempty)
+    p.add_argument("file", type=options.path)
+    p.add_argument("--ckpt", required=True, type=options.path)
     add_adapter(p)
     p.add_argument("--slots", type=integer(1, 256), default=8, help="functions summarized at once (default: 8)")
     p.add_argument("--max-new-tokens", type=integer(1), default=40, help="(default: 40)")

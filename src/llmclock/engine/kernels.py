@@ -1,7 +1,7 @@
 """CPU decode kernels: a panel-packed fp32 GEMV/small-GEMM and a bandwidth probe.
 
 Why (measured on the 2-core Cascade Lake box, fp32, 2 threads, weights streamed
-from DRAM, see /tmp/decode_research/REPORT.md):
+from DRAM; bench/decode.py measures decode against this roofline):
   * Decoding is a stream over all weights once per step; M (batch rows) is 1..8,
     so the matmul must run at DRAM read speed.  For M=1 every torch path
     (F.linear on (out, in), x @ W(in, out), mv) reads ~18-23 GB/s, this kernel

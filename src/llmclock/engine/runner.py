@@ -176,7 +176,7 @@ class ModelRunner:
             full_t, full_p = [0] * n_rows, [L - 1] * n_rows
             for t, p, s in zip(tokens, pos, slots):
                 full_t[s], full_p[s] = t, p
-            tokens, pos, rows, slots_t = full_t, full_p, slots, torch.arange(n_rows, device=dev)
+            tokens, pos, rows, slots_t = full_t, full_p, slots, slice(0, n_rows)
             probe = probe and _Rows(probe, rows)
         else:
             n_rows, L, rows = len(seqs), max(pos) + 1, None
@@ -194,10 +194,8 @@ class ModelRunner:
 
     def memory(self) -> dict[str, int]:
         """Bytes decoding holds: the model's weights, the packed copies of its linears, the KV cache."""
-        packed = sum(f.packed.nbytes for f in {id(f): f for layer in self.plan.layers for f in
-                     (layer.c_attn, layer.attn_proj, layer.c_fc, layer.mlp_proj)}.values() if f.packed is not None)
-        if self.plan.head.packed is not None:
-            packed += self.plan.head.packed.nbytes
+        linears = [f for layer in self.plan.layers for f in (layer.c_attn, layer.attn_proj, layer.c_fc, layer.mlp_proj)]
+        packed = sum(f.packed.nbytes for f in linears + [self.plan.head] if f.packed is not None)
         weights = sum(p.nbytes for p in self.model.parameters())  # the tied head counted once
         return {"weights": weights, "packed copies": packed, "kv cache": self.cache.nbytes}
 
