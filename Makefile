@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # The C++ kernels (src/llmclock/csrc), built by setup.py at install; rebuilt here when a source changes.
 KERNELS := src/llmclock/_kernels_base.so
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo demo-finetune test bench clean
 
 setup: $(STAMP) $(KERNELS)
 
@@ -25,6 +25,10 @@ $(KERNELS): $(wildcard src/llmclock/csrc/*) | $(STAMP)
 
 demo: setup
 	$(BIN)/llmclock demo
+
+# the demo, then its second act: LoRA fine-tuning on docstring summarization, ROUGE-L before/after
+demo-finetune: setup
+	$(BIN)/llmclock demo --finetune-minutes 3
 
 test: setup
 	$(BIN)/python -m pytest

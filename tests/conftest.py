@@ -50,6 +50,16 @@ def tiny_model(char_tok):
     return GPT(preset("test", vocab_size=char_tok.vocab_size)).eval()
 
 
+def requires(module: str):
+    """Import an optional package (an extra the Makefile installs): skipped where it is missing
+    locally, but a failure in CI (`CI` set), where it must be installed."""
+    import importlib
+
+    if os.environ.get("CI"):
+        return importlib.import_module(module)
+    return pytest.importorskip(module)
+
+
 def requires_tool(*names: str) -> str:
     """The path of the first program in `names`; the test is skipped where any is not installed,
     except in CI (the CI variable set), where .ci/run installs them and their absence fails."""

@@ -134,10 +134,12 @@ def write_checkpoint(
     overwrite: bool = False,
     state: dict[str, torch.Tensor] | None = None,
     config_extra: dict | None = None,
+    extra=None,
 ) -> None:
     """Write a complete checkpoint to a new directory `dest` (temp dir + rename; `overwrite`
     replaces an earlier checkpoint there). `state` replaces model_state(model) as the tensors
-    stored and `config_extra` adds keys to config.json (llmclock.compress: its layers, its scheme)."""
+    stored, `config_extra` adds keys to config.json (llmclock.compress: its layers, its scheme) and
+    `extra(tmp)` may add files of its own first (llmclock.finetune: the chat template)."""
     from safetensors.torch import save_file
 
     with atomic_dir(dest, overwrite=overwrite) as tmp:
@@ -148,6 +150,8 @@ def write_checkpoint(
             save_file(optimizer_state(model, optimizer), str(tmp / OPTIMIZER))
         if train_state is not None:
             write_json(tmp / STATE, train_state)
+        if extra is not None:
+            extra(tmp)
         hashes = {f.name: file_sha256(f) for f in sorted(tmp.iterdir())}
         write_json(tmp / CONFIG, model.config.to_dict() | {"format": FORMAT, "architecture": "gpt2", HASHES: hashes}
                    | (config_extra or {}))
@@ -214,6 +218,13 @@ def save_checkpoint(link: Path, model, tokenizer, *, step: int, optimizer=None, 
     Returns the versioned directory written. Older versions are removed only after the link
     points at the new one.
     """
+    return save_versioned(
+        link, step, lambda target: write_checkpoint(target, model, tokenizer, optimizer=optimizer, train_state=train_state)
+    )
+
+
+def save_versioned(link: Path, step: int, write) -> Path:
+    """`write(target)` creates the versioned directory (atomically); then `link` is repointed to it."""
     link = Path(link)
     if link.exists() and not link.is_symlink():
         raise LLMClockError(f"{link} is a directory, not a checkpoint link; refusing to replace it")
@@ -222,7 +233,7 @@ def save_checkpoint(link: Path, model, tokenizer, *, step: int, optimizer=None, 
         if link.is_symlink() and os.readlink(link) == target.name:
             os.unlink(link)
         shutil.rmtree(target)
-    write_checkpoint(target, model, tokenizer, optimizer=optimizer, train_state=train_state)
+    write(target)
     tmp_link = link.parent / f".{link.name}.link-{os.getpid()}"
     if tmp_link.is_symlink():
         tmp_link.unlink()

@@ -88,7 +88,7 @@ def calibrate_steps(model_config, train_config, seconds: float) -> int:
 
 
 def run_demo(*, out: str | None, minutes: float, preset_name: str, vocab_size: int, overwrite: bool, seed: int,
-             max_files: int | None = None, echo=print) -> Path:
+             max_files: int | None = None, finetune_minutes: float = 0.0, echo=print) -> Path:
     import shutil
 
     import torch
@@ -144,6 +144,10 @@ def run_demo(*, out: str | None, minutes: float, preset_name: str, vocab_size: i
     (run / "samples.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
     echo("      " + "-" * 60)
     trace = trace_one(engine, run, SAMPLE_PROMPTS[0], seed, echo)
+    if finetune_minutes > 0:
+        from .demo_finetune import second_act
+
+        second_act(run, sources=sources if max_files else None, minutes=finetune_minutes, seed=seed, echo=echo)
     echo("files:")
     for label, path in [
         ("run directory", run), ("checkpoint", result.ckpt), ("metrics", result.metrics),

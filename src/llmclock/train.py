@@ -97,10 +97,11 @@ def init_distributed(device: torch.device) -> tuple[Dist, torch.device]:
 
 
 class MetricsLog:
-    """metrics.jsonl (append, so a resumed run continues it) and TensorBoard when installed."""
+    """metrics.jsonl (append, so a resumed run continues it), TensorBoard when installed, and
+    Weights & Biases when `wandb` (keyword arguments for `wandb.init`: project, config, ...) is given."""
 
-    def __init__(self, path: Path, enabled: bool):
-        self.path, self.enabled, self.tb = path, enabled, None
+    def __init__(self, path: Path, enabled: bool, *, wandb: dict | None = None):
+        self.path, self.enabled, self.tb, self.wandb = path, enabled, None, None
         if enabled:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -108,6 +109,12 @@ class MetricsLog:
                 self.tb = SummaryWriter(str(path.parent / "tensorboard"))
             except ImportError:
                 pass
+        if enabled and wandb is not None:
+            try:
+                import wandb as wb
+            except ImportError:
+                raise LLMClockError("--wandb needs Weights & Biases: pip install 'llmclock[wandb]'") from None
+            self.wandb = wb.init(dir=str(path.parent), **wandb)
 
     def write(self, **record) -> None:
         if not self.enabled:
@@ -119,10 +126,23 @@ class MetricsLog:
             for k, v in record.items():
                 if isinstance(v, float) and k not in ("step", "time"):
                     self.tb.add_scalar(f"{prefix}/{k}", v, record["step"])
+        if self.wandb is not None:
+            prefix = record.get("split", "train")
+            scalars = {f"{prefix}/{k}": v for k, v in record.items() if isinstance(v, float) and k != "time"}
+            self.wandb.log(scalars, step=record["step"])
 
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def report_step(log: MetricsLog, bar, step: int, loss: float, lr: float, tokens_per_s: float, elapsed: float) -> None:
+    """A training step's record in the metrics log and on the progress bar."""
+    log.write(step=step, split="train", loss=loss, lr=lr, tokens_per_s=tokens_per_s, time=elapsed)
+    if bar is not None:
+        bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:,.0f}", lr=f"{lr:.2e}")
 
 
 def train(
@@ -137,13 +157,15 @@ def train(
     progress: bool = True,
     log_interval: int = 10,
     on_step=None,
+    wandb: dict | None = None,
 ) -> TrainResult:
     """Train on `data` (a data.TokenData) and keep a resumable checkpoint at OUT_DIR/ckpt.
 
     `init_from` starts from a checkpoint's weights (fine-tuning); `resume` continues OUT_DIR's own
-    run exactly. `on_step(step, loss)` is called after every optimizer step; an exception it
-    raises stops training. Only a KeyboardInterrupt (Ctrl-C, from anywhere in the loop) saves a
-    checkpoint first, and only when a step was taken since the start or the last save.
+    run exactly; `wandb` (wandb.init's keyword arguments) also logs to Weights & Biases.
+    `on_step(step, loss)` is called after every optimizer step; an exception it raises stops
+    training. Only a KeyboardInterrupt (Ctrl-C, from anywhere in the loop) saves a checkpoint
+    first, and only when a step was taken since the start or the last save.
     """
     from .data import eval_batches, get_batch
 
@@ -209,7 +231,7 @@ def train(
     if dist.main:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
-    log = MetricsLog(out_dir / "metrics.jsonl", dist.main)
+    log = MetricsLog(out_dir / "metrics.jsonl", dist.main, wandb=wandb)
     # Evaluation forwards: on a GPU as few as fit ~128 MB of logits (fewer, larger matmuls); on the
     # CPU ~2048 tokens each, whose activations stay in cache (240 x 64 tokens of the bench's model
     # took 0.54 s in one forward, 0.32-0.34 s in forwards of 24 sequences).
@@ -279,11 +301,9 @@ def train(
             if not math.isfinite(last_loss):
                 raise LLMClockError(f"training diverged at step {step} (loss {last_loss}); lower the learning rate")
             if step % log_interval == 0 or step == cfg.max_steps:
-                now = time.perf_counter()
-                tps = tokens_per_step * (step - start_step) / (now - t0)
-                log.write(step=step, split="train", loss=last_loss, lr=lr, tokens_per_s=tps, time=now - t0)
-                if bar is not None:
-                    bar.set_postfix(loss=f"{last_loss:.4f}", tok_s=f"{tps:,.0f}", lr=f"{lr:.2e}")
+                elapsed_now = time.perf_counter() - t0
+                report_step(log, bar, step, last_loss, lr, tokens_per_step * (step - start_step) / elapsed_now,
+                            elapsed_now)
             if bar is not None:
                 bar.update(1)
             if on_step is not None:

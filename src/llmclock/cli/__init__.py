@@ -14,7 +14,7 @@ import signal
 import sys
 
 from ..errors import LLMClockError
-from . import compress_cmds, engine_cmds, hf_cmds, serve_cmds, train_cmds
+from . import apps_cmds, compress_cmds, engine_cmds, hf_cmds, serve_cmds, train_cmds
 from .common import printable
 
 COMMANDS = [
@@ -22,7 +22,11 @@ COMMANDS = [
     train_cmds.add_tokenizer,
     train_cmds.add_prepare,
     train_cmds.add_train,
-    train_cmds.add_eval,
+    apps_cmds.add_eval,
+    apps_cmds.add_finetune,
+    apps_cmds.add_merge,
+    apps_cmds.add_data,
+    apps_cmds.add_summarize,
     engine_cmds.add_generate,
     engine_cmds.add_chat,
     engine_cmds.add_trace,
@@ -34,7 +38,7 @@ COMMANDS = [
 ]
 """Subcommands in `llmclock --help` order: each registers its parser on the subparsers object."""
 
-SPINNING_COMMANDS = ("train", "demo")
+SPINNING_COMMANDS = ("train", "demo", "finetune")
 
 
 class Parser(argparse.ArgumentParser):

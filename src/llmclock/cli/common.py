@@ -49,8 +49,10 @@ def add_device_flags(p, default: str = "cpu") -> None:
     g.add_argument("--threads", type=options.integer(1, 4096), help="CPU threads (default: torch's choice)")
 
 
-def load_model(a, *, tokenizer: bool = True):
-    """(model, tokenizer) from --ckpt on --device with --threads, verified (hash, finite weights)."""
+def load_model(a, *, tokenizer: bool = True, merged: bool = True):
+    """(model, tokenizer) from --ckpt on --device with --threads, verified (hash, finite weights),
+    with --adapter applied when given (`merged`: LoRA/AdaLoRA folded into the weights in memory,
+    which the engine needs: it streams each Linear's plain weight)."""
     import torch
 
     from ..checkpoint import load_checkpoint
@@ -58,4 +60,13 @@ def load_model(a, *, tokenizer: bool = True):
 
     if getattr(a, "threads", None):
         torch.set_num_threads(a.threads)
+    if getattr(a, "adapter", None):
+        from ..adapters import load_adapted
+
+        return load_adapted(a.ckpt, a.adapter, device=resolve_device(a.device), merged=merged)
     return load_checkpoint(a.ckpt, device=resolve_device(a.device), with_tokenizer=tokenizer)
+
+
+def add_adapter(p) -> None:
+    p.add_argument("--adapter", type=options.path,
+                   help="an adapter directory written by `llmclock finetune` (LoRA, AdaLoRA) to apply unmerged")

@@ -6,8 +6,9 @@ import dataclasses
 import sys
 
 from ..config import SamplingParams
+from ..errors import LLMClockError
 from . import options
-from .common import add_device_flags, add_overwrite, check_out, echo, load_model
+from .common import add_adapter, add_device_flags, add_overwrite, check_out, echo, load_model
 from .options import add_config_flags, config_from_args, integer
 
 SAMPLING_FLAGS = {name: None for name in (
@@ -71,6 +72,11 @@ def add_generate(sub) -> None:
     p.add_argument("--prompt", required=True, action="append", type=options.text,
                    help="text to continue (repeatable: each prompt runs in turn)")
     p.add_argument("--num-samples", type=integer(1, 10_000), default=1, help="samples per prompt (default: 1)")
+    p.add_argument("--n", type=integer(1, 1000), default=1,
+                   help="samples per prompt drawn at once on the engine's slots (default: 1)")
+    p.add_argument("--best-of", type=integer(1, 1000),
+                   help="draw this many per prompt and show the --n with the highest mean token logprob")
+    add_adapter(p)
     p.add_argument("--truncate", action="store_true", help="drop the prompt's oldest tokens if it exceeds the context")
     add_sampling_flags(p, logprobs=True)
     p.set_defaults(fn=cmd_generate)
@@ -78,6 +84,8 @@ def add_generate(sub) -> None:
 
 def cmd_generate(a) -> None:
     params = sampling(a)
+    if a.best_of or a.n > 1:
+        return _generate_ranked(a, params)
     engine = _engine(a)
     params.check_vocab(engine.model.config.vocab_size)
     runs = [(k, prompt, i) for k, prompt in enumerate(a.prompt, 1) for i in range(a.num_samples)]
@@ -99,6 +107,28 @@ def cmd_generate(a) -> None:
         print(finish_note(engine, p, seq, len(seq.prompt_ids), given), file=sys.stderr, flush=True)
 
 
+def _generate_ranked(a, params) -> None:
+    """--n samples per prompt drawn at once on the engine's slots; with --best-of K, the n best
+    of K by mean token logprob (sampled sequences of different lengths compare per token)."""
+    k = a.best_of or a.n
+    if k < a.n:
+        raise LLMClockError(f"--best-of ({k}) must be at least --n ({a.n})")
+    if a.num_samples > 1:
+        raise LLMClockError("give --num-samples (one after another) or --n/--best-of (at once), not both")
+    if params.greedy:
+        raise LLMClockError("--n/--best-of need sampling (--temperature > 0): greedy decoding repeats one text")
+    engine = _engine(a, slots=min(k, 8))
+    for j, prompt in enumerate(a.prompt):
+        plist = [dataclasses.replace(params, seed=None if params.seed is None else params.seed + i) for i in range(k)]
+        done = engine.complete([prompt] * k, plist, truncate=a.truncate)
+        mean = {c.request_id: sum(c.logprobs) / max(1, len(c.logprobs)) for c in done}
+        ranked = sorted(done, key=lambda c: -mean[c.request_id]) if a.best_of else done
+        for i, c in enumerate(ranked[: a.n]):
+            head = f"--- prompt {j + 1}, " if len(a.prompt) > 1 else "--- "
+            echo(f"{head}sample {i + 1} of {k} (mean logprob {mean[c.request_id]:.3f}, {c.finish_reason})")
+            echo(prompt + c.text)
+
+
 def _logprob_table(tok, events) -> str:
     lines = ["logprobs (token: logprob | the top alternatives):"]
     for ev in events:
@@ -114,6 +144,13 @@ def add_chat(sub) -> None:
     p = sub.add_parser("chat", help="multi-turn chat in the terminal (Ctrl-C stops a reply, Ctrl-D leaves)")
     p.add_argument("--ckpt", required=True, type=options.path)
     p.add_argument("--system", default="", type=options.text, help="system message")
+    add_adapter(p)
+    p.add_argument("--docs", type=options.nonempty,
+                   help="a folder of text: each turn retrieves its best passages (SQLite FTS5, BM25) into the prompt")
+    p.add_argument("--index", type=options.nonempty,
+                   help="where the --docs index is cached (default: ~/.cache/llmclock/docs-<hash>.sqlite)")
+    p.add_argument("--passages", type=integer(1, 50), default=3,
+                   help="passages retrieved per turn; fewer are used if the context is full (default: 3)")
     add_sampling_flags(p)
     p.set_defaults(fn=cmd_chat)
 
@@ -125,7 +162,19 @@ def cmd_chat(a) -> None:
     engine = _engine(a)
     if hasattr(sys.stdin, "reconfigure"):
         sys.stdin.reconfigure(errors="surrogateescape")  # bad bytes reach chat_loop, which says so
-    chat_loop(engine, params, system=a.system, echo=echo, read=input)
+    from ..sft import ChatTemplate
+
+    template = (ChatTemplate.load(a.adapter) if a.adapter else None) or ChatTemplate.load(a.ckpt)
+    retrieve = None
+    if a.docs:
+        from ..retrieval import DocIndex
+
+        index = DocIndex(a.docs, a.index)
+        n = index.refresh()
+        echo(f"docs: {a.docs} indexed in {index.path} ({n['indexed']} new or changed, {n['unchanged']} unchanged, "
+             f"{n['removed']} removed)")
+        retrieve = lambda text: index.search(text, a.passages)  # noqa: E731
+    chat_loop(engine, params, system=a.system, echo=echo, read=input, template=template, retrieve=retrieve)
 
 
 # ---------------------------------------------------------------- trace / replay
@@ -142,6 +191,7 @@ def add_trace(sub) -> None:
     p.add_argument("--logit-lens", type=options.nonempty, help="layers to read the residual stream at: 'all' or e.g. '0,5,-1'")
     p.add_argument("--top-n", type=integer(0, 20), default=5, help="alternatives recorded per cycle (default: 5)")
     p.add_argument("--truncate", action="store_true", help="drop the prompt's oldest tokens if it exceeds the context")
+    add_adapter(p)
     add_sampling_flags(p)
     p.set_defaults(fn=cmd_trace)
 

@@ -1,4 +1,4 @@
-"""Subcommands from text to a checkpoint: demo, tokenizer train, prepare, train, eval."""
+"""Subcommands from text to a checkpoint: demo, tokenizer train, prepare, train."""
 
 from __future__ import annotations
 
@@ -29,6 +29,9 @@ def add_demo(sub) -> None:
     p.add_argument("--seed", type=options.seed, default=1337)
     add_overwrite(p, "an existing --out")
     p.add_argument("--max-files", type=integer(1), help="use only the first N files of the corpus (quick trials)")
+    p.add_argument("--finetune-minutes", type=number(0.0), default=0.0,
+                   help="second act: LoRA-fine-tune the model this long on docstring summarization and show "
+                   "ROUGE-L before and after (default: 0, off; `make demo-finetune` runs it)")
     p.set_defaults(fn=cmd_demo)
 
 
@@ -36,7 +39,7 @@ def cmd_demo(a) -> None:
     from ..demo import run_demo
 
     run_demo(out=a.out, minutes=a.minutes, preset_name=a.preset, vocab_size=a.vocab_size, overwrite=a.overwrite,
-             seed=a.seed, max_files=a.max_files, echo=echo)
+             seed=a.seed, max_files=a.max_files, finetune_minutes=a.finetune_minutes, echo=echo)
 
 
 # ---------------------------------------------------------------- tokenizer
@@ -151,6 +154,8 @@ def add_train(sub) -> None:
                    help="with --resume: accept settings that differ from the checkpoint's (batch size, "
                    "learning rate, ...); the run is then no longer the same run continued")
     p.add_argument("--init-from", type=options.path, help="start from this checkpoint's weights (fine-tuning)")
+    p.add_argument("--wandb", metavar="PROJECT", type=options.nonempty,
+                   help="also log to Weights & Biases (an optional extra; WANDB_MODE=offline works)")
     g = p.add_argument_group("model (default: the preset's; with --resume or --init-from: the checkpoint's)")
     g.add_argument("--preset", type=preset_name, help="named shape: test, nano (default), demo, gpt2 (124M), ...")
     add_config_flags(g, ModelConfig, {k: v for k, v in MODEL_FLAGS.items() if k != "block_size"},
@@ -274,7 +279,8 @@ def cmd_train(a) -> None:
                f"{cfg.block_size} (and --eval-batches {cfg.eval_batches}) on this model", "lower --batch-size "
                "(raise --grad-accum to keep the tokens per step), --block-size or --eval-batches", device)
     try:
-        r = train(mcfg, cfg, data, out, tokenizer=tok, resume=a.resume, init_from=a.init_from)
+        wandb = {"project": a.wandb, "config": cfg.to_dict() | {"model": mcfg.to_dict()}} if a.wandb else None
+        r = train(mcfg, cfg, data, out, tokenizer=tok, resume=a.resume, init_from=a.init_from, wandb=wandb)
     except KeyboardInterrupt:
         raise KeyboardInterrupt(_saved_where(link, state)) from None
     if r.ckpt is None:
@@ -308,47 +314,3 @@ def _saved_where(link: Path, state: dict | None) -> str:
     if step is None or step == before:
         return "nothing new was saved"
     return f"checkpoint of step {step} saved in {link}; continue with the same command plus --resume"
-
-
-# ---------------------------------------------------------------- eval
-
-
-def add_eval(sub) -> None:
-    p = sub.add_parser("eval", help="loss, perplexity and accuracy of a checkpoint on prepared shards")
-    p.add_argument("--ckpt", required=True, type=options.path)
-    p.add_argument("--data", required=True, type=options.path)
-    p.add_argument("--splits", nargs="+", default=["val", "test"], type=options.nonempty,
-                   help="(default: val test; an empty split is skipped with a note)")
-    p.add_argument("--batch-size", type=integer(1), default=12, help="sequences per batch (default: 12)")
-    p.add_argument("--block-size", type=integer(1), help="tokens per sequence (default: the model's context)")
-    p.add_argument("--batches", type=integer(1), default=50, help="batches per split (default: 50)")
-    p.add_argument("--seed", type=options.seed, default=1337, help="which windows are drawn (default: 1337)")
-    add_device_flags(p, default="auto")
-    p.set_defaults(fn=cmd_eval)
-
-
-def cmd_eval(a) -> None:
-    from ..data import TokenData
-    from ..evaluate import evaluate_checkpoint
-    from ..memory import check_fits, eval_bytes
-    from .common import load_model
-
-    data = TokenData(a.data)
-    for split in a.splits:
-        data.num_tokens(split)  # an unknown split fails before any output
-    model, tok = load_model(a)
-    if tok.hash != data.tokenizer_hash:
-        raise LLMClockError(f"{a.data} was prepared with another tokenizer than {a.ckpt}'s; its token ids mean "
-                            "other text to this model")
-    block = a.block_size or model.config.block_size
-    check_fits(eval_bytes(model.config, a.batches * a.batch_size, a.batch_size, block),
-               f"--batches {a.batches} x --batch-size {a.batch_size} x {block} tokens", "lower --batches",
-               next(model.parameters()).device)
-    for split in a.splits:
-        if not data.num_tokens(split):
-            echo(f"{split}: empty in {a.data}, skipped")
-            continue
-        r = evaluate_checkpoint(model, data, split, batch_size=a.batch_size, block_size=a.block_size,
-                                batches=a.batches, seed=a.seed)
-        echo(f"{split}: loss {r['loss']:.4f}  ppl {r['ppl']:.2f}  next-token acc {r['acc']:.3f}  "
-             f"bits/token {r['bits_per_token']:.3f}")
