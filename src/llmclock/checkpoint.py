@@ -106,17 +106,25 @@ def write_checkpoint(
     *,
     optimizer: torch.optim.Optimizer | None = None,
     train_state: dict | None = None,
+    weights: dict[str, torch.Tensor] | None = None,
+    optimizer_tensors: dict[str, torch.Tensor] | None = None,
 ) -> None:
-    """Write a complete checkpoint to a new directory `dest` (temp dir + rename)."""
+    """Write a complete checkpoint to a new directory `dest` (temp dir + rename).
+
+    `weights` / `optimizer_tensors`, when given, are stored instead of reading `model` / `optimizer`
+    (an FSDP run's full state, gathered to rank 0)."""
     from safetensors.torch import save_file
 
     with atomic_dir(dest) as tmp:
         write_json(tmp / CONFIG, model.config.to_dict() | {"format": FORMAT, "architecture": "gpt2"})
-        save_file(model_state(model), str(tmp / WEIGHTS), metadata={"format": "pt"})
+        weights = model_state(model) if weights is None else {k: v for k, v in weights.items() if k not in TIED}
+        save_file(weights, str(tmp / WEIGHTS), metadata={"format": "pt"})
         if tokenizer is not None:
             tokenizer.save(tmp / TOKENIZER)
-        if optimizer is not None:
-            save_file(optimizer_state(model, optimizer), str(tmp / OPTIMIZER))
+        if optimizer_tensors is None and optimizer is not None:
+            optimizer_tensors = optimizer_state(model, optimizer)
+        if optimizer_tensors is not None:
+            save_file(optimizer_tensors, str(tmp / OPTIMIZER))
         if train_state is not None:
             write_json(tmp / STATE, train_state)
 
@@ -148,7 +156,9 @@ def atomic_dir(dest: Path):
         raise
 
 
-def save_checkpoint(link: Path, model, tokenizer, *, step: int, optimizer=None, train_state=None) -> Path:
+def save_checkpoint(
+    link: Path, model, tokenizer, *, step: int, optimizer=None, train_state=None, weights=None, optimizer_tensors=None
+) -> Path:
     """Save a training checkpoint behind the symlink `link` and atomically repoint it.
 
     Returns the versioned directory written. Older versions are removed only after the link
@@ -162,7 +172,10 @@ def save_checkpoint(link: Path, model, tokenizer, *, step: int, optimizer=None, 
         if link.is_symlink() and os.readlink(link) == target.name:
             os.unlink(link)
         shutil.rmtree(target)
-    write_checkpoint(target, model, tokenizer, optimizer=optimizer, train_state=train_state)
+    write_checkpoint(
+        target, model, tokenizer, optimizer=optimizer, train_state=train_state, weights=weights,
+        optimizer_tensors=optimizer_tensors,
+    )
     tmp_link = link.parent / f".{link.name}.link-{os.getpid()}"
     if tmp_link.is_symlink():
         tmp_link.unlink()

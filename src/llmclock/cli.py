@@ -73,7 +73,8 @@ def _train_config(a):
         grad_accum=a.grad_accum, learning_rate=a.lr, min_lr=a.min_lr, warmup_steps=a.warmup,
         weight_decay=a.weight_decay, beta2=a.beta2, grad_clip=a.grad_clip, eval_interval=a.eval_interval,
         eval_batches=a.eval_batches, checkpoint_interval=a.checkpoint_interval, seed=a.seed, dtype=a.dtype,
-        compile=a.compile, fused_kernels=not a.no_fused_kernels, device=a.device,
+        compile=a.compile, fused_kernels=not a.no_fused_kernels, device=a.device, fsdp=a.fsdp,
+        dist_timeout=a.dist_timeout,
     )
 
 
@@ -83,6 +84,9 @@ def cmd_train(a) -> None:
     from .tokenizer import Tokenizer
     from .train import train
 
+    if a.nproc:
+        _launch_local(a)
+        return
     data = TokenData(a.data)
     tok_path = Path(a.tokenizer) if a.tokenizer else Path(a.data) / "tokenizer.json"
     tok = Tokenizer.load(tok_path) if tok_path.exists() else None
@@ -96,13 +100,29 @@ def cmd_train(a) -> None:
     else:
         mcfg = _model_config(a, data.vocab_size)
     try:
-        r = train(mcfg, cfg, data, a.out, tokenizer=tok, resume=a.resume, init_from=a.init_from)
+        r = train(mcfg, cfg, data, a.out, tokenizer=tok, resume=a.resume, init_from=a.init_from,
+                  log_interval=a.log_interval)
     except KeyboardInterrupt:
         _print(f"interrupted: checkpoint saved in {a.out}/ckpt; continue with the same command plus --resume")
         raise
     if r.ckpt is None:
         return  # not rank 0
     _print(_describe_result(r))
+
+
+def _launch_local(a) -> None:
+    """`train --nproc N`: the same command on N local processes under torchrun's elastic agent."""
+    from .distributed import launch_local
+
+    argv, skip = [], False
+    for arg in sys.argv[1:] if a.argv is None else a.argv:
+        if skip:
+            skip = False
+        elif arg in ("--nproc", "--max-restarts"):
+            skip = True
+        elif not arg.startswith(("--nproc=", "--max-restarts=")):
+            argv.append(arg)
+    launch_local(a.nproc, argv, max_restarts=a.max_restarts)
 
 
 def _describe_result(r) -> str:
@@ -260,6 +280,7 @@ def _add_train_args(p) -> None:
     g.add_argument("--eval-interval", type=int, default=250)
     g.add_argument("--eval-batches", type=int, default=20)
     g.add_argument("--checkpoint-interval", type=int, default=0)
+    g.add_argument("--log-interval", type=int, default=10, help="log the training loss every this many steps")
     g.add_argument("--seed", type=int, default=1337)
     g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     g.add_argument("--compile", action="store_true")
@@ -267,6 +288,14 @@ def _add_train_args(p) -> None:
                    help="torch ops only (default on CPU fp32: llmclock's compiled whole-block, attention, GELU "
                    "and LayerNorm kernels)")
     g.add_argument("--device", default="auto")
+    g = p.add_argument_group("distributed (torchrun)")
+    g.add_argument("--nproc", type=int, default=0, help="run on N local processes (torchrun --standalone)")
+    g.add_argument("--max-restarts", type=int, default=0, help="with --nproc: restart the job this often after "
+                   "a failed process (it resumes from the last checkpoint)")
+    g.add_argument("--fsdp", action="store_true", help="shard weights, gradients and optimizer state (FSDP) "
+                   "instead of replicating them (DDP)")
+    g.add_argument("--dist-timeout", type=float, default=300.0,
+                   help="seconds a rank waits for the others before the job ends with an error")
 
 
 def _add_sampling_args(p) -> None:
@@ -395,6 +424,7 @@ SPINNING_COMMANDS = ("train", "demo")
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = argv
     if args.command in SPINNING_COMMANDS:
         from .threads import prefer_spinning_threads
 

@@ -153,6 +153,10 @@ class TrainConfig:
     """On the CPU in float32 without compile: llmclock's compiled whole-block, attention, GELU and LayerNorm kernels."""
     device: str = "auto"
     """cpu, cuda, cuda:N or auto."""
+    fsdp: bool = False
+    """Under torchrun: shard parameters, gradients and optimizer state over the ranks (FSDP's fully_shard) instead of DDP."""
+    dist_timeout: float = 300.0
+    """Seconds a collective may wait for the other ranks before the job ends with an error (a crashed or hung rank)."""
 
     def __post_init__(self) -> None:
         for name in ("max_steps", "batch_size", "block_size", "grad_accum", "eval_batches"):
@@ -167,6 +171,8 @@ class TrainConfig:
             raise LLMClockError(f"train config: dtype must be float32 or bfloat16, got {self.dtype!r}")
         if self.max_seconds is not None and self.max_seconds <= 0:
             raise LLMClockError("train config: max_seconds must be positive")
+        if self.dist_timeout <= 0:
+            raise LLMClockError("train config: dist_timeout must be positive")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
