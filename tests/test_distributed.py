@@ -155,6 +155,18 @@ def test_two_rank_run_resumes_on_one_and_on_two_ranks(tmp_path, data_dir):
     assert _state(tmp_path / "one")["world"] == 1
 
 
+@pytest.mark.slow
+def test_dropout_continues_exactly_after_a_two_rank_resume(tmp_path, data_dir):
+    """Every rank's RNG state is in the checkpoint: with dropout, stop-and-resume = uninterrupted, bit for bit."""
+    common = ["--nproc", "2", "--data", str(data_dir), "--dropout", "0.2", *ARGS]
+    for out, steps in (("full", "6"), ("split", "3")):
+        p = _llmclock("train", "--out", str(tmp_path / out), "--steps", steps, *common)
+        assert p.returncode == 0, p.stderr[-3000:]
+    p = _llmclock("train", "--out", str(tmp_path / "split"), "--steps", "6", "--resume", *common)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert _losses(tmp_path / "split") == _losses(tmp_path / "full")
+
+
 def _workers(agent_pid: int) -> list[int]:
     """The worker processes torchrun's agent started (its children running llmclock)."""
     out = []

@@ -54,10 +54,28 @@ def init_distributed(device: torch.device, timeout_s: float = 300.0) -> tuple[Di
         device = torch.device("cuda", d.local_rank)
         torch.cuda.set_device(device)
     if not dist.is_initialized():
+        timeout = datetime.timedelta(seconds=timeout_s)
         dist.init_process_group(
-            backend="nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(seconds=timeout_s)
+            backend="nccl" if device.type == "cuda" else "gloo", store=_attempt_store(d, timeout), rank=d.rank,
+            world_size=d.world, timeout=timeout,
         )
     return d, device
+
+
+def _attempt_store(d: Dist, timeout: datetime.timedelta):
+    """torchrun's store (MASTER_ADDR:MASTER_PORT) under a prefix of its own for each restart.
+
+    torchrun's c10d rendezvous keeps one store across restarts, and `env://` reads it without a
+    prefix: a restarted rank then found the dead ranks' addresses there (gloo: "connection refused").
+    """
+    import torch.distributed as dist
+
+    agent_hosts_it = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), d.world,
+        is_master=not agent_hosts_it and d.rank == 0, timeout=timeout,
+    )
+    return dist.PrefixStore(f"llmclock/attempt_{d.restart}", store)
 
 
 def shutdown(d: Dist) -> None:

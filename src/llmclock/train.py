@@ -180,12 +180,11 @@ def train(
     autocast_dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else None
     if cfg.fused_kernels and device.type == "cpu" and autocast_dtype is None and not cfg.compile and not cfg.fsdp:
         fuse_cpu_ops(model)
-    raw_model = model = distributed.wrap(model, dist, device, cfg.fsdp)  # fully_shard shards in place
+    model = distributed.wrap(model, dist, device, cfg.fsdp)  # fully_shard shards in place; DDP wraps
+    raw_model = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
     optimizer = make_optimizer(raw_model, cfg, device)
     if opt_tensors is not None:
         distributed.load_optimizer(raw_model, optimizer, opt_tensors, cfg.fsdp)
-    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
-        raw_model = model.module
     if cfg.compile:
         model = torch.compile(model)
 
