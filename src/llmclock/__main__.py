@@ -1,4 +1,27 @@
-from .cli import main
+"""`python -m llmclock` and the `llmclock` console script.
+
+Nothing is imported here before the handler is in place, so Ctrl-C even during the first imports
+ends with one line and exit status 130.
+"""
+
+import os
+import sys
+
+
+def run() -> None:
+    try:
+        from .cli import main
+
+        code = main()
+    except KeyboardInterrupt:  # while the command line modules were still being imported
+        sys.stderr.write("llmclock: interrupted\n")
+        code = 130
+    if code == 130:  # skip interpreter teardown: a module whose import was cut short can fail again in it
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run()

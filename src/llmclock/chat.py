@@ -36,17 +36,27 @@ def fit_history(messages: list[dict], tokenizer, budget: int) -> list[dict]:
 
 
 def chat_loop(engine, params, *, system: str = "", echo=print, read=input) -> list[dict]:
-    """Read user lines until EOF or '/exit'; stream each reply. Returns the conversation."""
+    """Read user lines until EOF or '/exit'; stream each reply. Returns the conversation.
+
+    Ctrl-C while a reply streams stops that reply (what was said stays in the history) and
+    returns to the prompt; Ctrl-C at the prompt propagates. A line that was not valid UTF-8
+    (undecodable bytes arrive as surrogates) is refused with a note.
+    """
     params.stop = list(dict.fromkeys(list(params.stop) + STOP))
     budget = engine.max_len - min(params.max_new_tokens, engine.max_len // 2)
     history: list[dict] = [{"role": "system", "content": system}] if system else []
-    echo("chat: type a message, /reset to forget, /exit or Ctrl-D to leave")
+    echo("chat: type a message, /reset to forget, /exit or Ctrl-D to leave; Ctrl-C stops a reply")
     while True:
         try:
             line = read("you> ")
         except EOFError:
             echo()
             return history
+        except UnicodeDecodeError:
+            line = "\udcff"  # a strict stdin: same note as below
+        if any("\udc80" <= ch <= "\udcff" for ch in line):
+            echo("(that line is not valid UTF-8 text; type it again)")
+            continue
         if line.strip() in ("/exit", "/quit"):
             return history
         if line.strip() == "/reset":
@@ -55,9 +65,21 @@ def chat_loop(engine, params, *, system: str = "", echo=print, read=input) -> li
         history.append({"role": "user", "content": line})
         history = fit_history(history, engine.tokenizer, budget)
         echo("bot> ", end="")
-        reply = ""
-        for ev in engine.generate([render(history)], params):
-            echo(ev.text, end="")
-            reply += ev.text
-        echo()
+        reply = _reply(engine, render(history), params, echo)
         history.append({"role": "assistant", "content": reply.strip()})
+
+
+def _reply(engine, prompt: str, params, echo) -> str:
+    """Stream one reply; Ctrl-C ends it early (the sequence is aborted, its slot freed)."""
+    seq = engine.add(prompt, params)
+    reply = ""
+    try:
+        while engine.has_work():
+            for ev in engine.step():
+                echo(ev.text, end="")
+                reply += ev.text
+        echo()
+    except KeyboardInterrupt:
+        engine.abort(seq.request_id)
+        echo(" [stopped]")
+    return reply

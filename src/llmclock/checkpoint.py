@@ -18,6 +18,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import errno
+import hashlib
 import json
 import os
 import shutil
@@ -27,15 +28,39 @@ import torch
 
 from .config import ModelConfig
 from .errors import LLMClockError
+from .tokenizer import umask
 
 FORMAT = "llmclock-checkpoint-v1"
 WEIGHTS, CONFIG, TOKENIZER = "model.safetensors", "config.json", "tokenizer.json"
 OPTIMIZER, STATE = "optimizer.safetensors", "train_state.json"
 TIED = ("lm_head.weight",)
+HASHES = "sha256"
+"""config.json's map of every other file in the checkpoint to its sha256, checked when the file is read."""
 
 
 def write_json(path: Path, obj) -> None:
-    path.write_text(json.dumps(obj, indent=2) + "\n")
+    """JSON that other tools can read: a NaN or infinity is an error here, not a non-standard token."""
+    path.write_text(json.dumps(obj, indent=2, allow_nan=False) + "\n")
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def verify_hash(path: Path) -> None:
+    """If `path` sits in an llmclock checkpoint whose config.json records its sha256, check it."""
+    path = Path(path)
+    try:
+        d = json.loads((path.parent / CONFIG).read_text())
+    except (OSError, ValueError):
+        return  # no readable config here (a Hugging Face directory, a bare file): nothing recorded
+    want = d.get(HASHES, {}).get(path.name) if isinstance(d, dict) and d.get("format") == FORMAT else None
+    if want and file_sha256(path) != want:
+        raise LLMClockError(f"{path}: content hash mismatch (the file changed after it was saved: damaged or edited)")
 
 
 def read_json(path: Path, *, missing: str = "missing") -> dict:
@@ -108,15 +133,14 @@ def write_checkpoint(
     train_state: dict | None = None,
     weights: dict[str, torch.Tensor] | None = None,
     optimizer_tensors: dict[str, torch.Tensor] | None = None,
+    overwrite: bool = False,
 ) -> None:
-    """Write a complete checkpoint to a new directory `dest` (temp dir + rename).
-
-    `weights` / `optimizer_tensors`, when given, are stored instead of reading `model` / `optimizer`
-    (an FSDP run's full state, gathered to rank 0)."""
+    """Write a complete checkpoint to a new directory `dest` (temp dir + rename; `overwrite`
+    replaces an earlier checkpoint there). `weights` / `optimizer_tensors`, when given, are stored
+    instead of reading `model` / `optimizer` (an FSDP run's full state, gathered to rank 0)."""
     from safetensors.torch import save_file
 
-    with atomic_dir(dest) as tmp:
-        write_json(tmp / CONFIG, model.config.to_dict() | {"format": FORMAT, "architecture": "gpt2"})
+    with atomic_dir(dest, overwrite=overwrite) as tmp:
         weights = model_state(model) if weights is None else {k: v for k, v in weights.items() if k not in TIED}
         save_file(weights, str(tmp / WEIGHTS), metadata={"format": "pt"})
         if tokenizer is not None:
@@ -127,33 +151,63 @@ def write_checkpoint(
             save_file(optimizer_tensors, str(tmp / OPTIMIZER))
         if train_state is not None:
             write_json(tmp / STATE, train_state)
+        hashes = {f.name: file_sha256(f) for f in sorted(tmp.iterdir())}
+        write_json(tmp / CONFIG, model.config.to_dict() | {"format": FORMAT, "architecture": "gpt2", HASHES: hashes})
 
 
 @contextlib.contextmanager
-def atomic_dir(dest: Path):
+def atomic_dir(dest: Path, *, overwrite: bool = False, marker: str = CONFIG):
     """Yield a temporary sibling directory to fill; on success fsync it and rename it to `dest`.
 
     On any failure the temporary directory is removed and `dest` never appears half-written.
+    `overwrite` replaces an existing `dest` (only an empty one or one holding `marker`, so a
+    mistyped path never deletes someone's folder): the old one is renamed aside, the new one
+    renamed in, then the old one removed.
     """
     dest = Path(dest)
-    if dest.exists():
-        raise LLMClockError(f"{dest} already exists; refusing to overwrite it")
-    dest.parent.mkdir(parents=True, exist_ok=True)
+    if dest.exists() or dest.is_symlink():
+        if not overwrite:
+            raise LLMClockError(f"{dest} already exists; refusing to overwrite it (overwrite: --overwrite)")
+        if not dest.is_dir() or dest.is_symlink() or (any(dest.iterdir()) and not (dest / marker).exists()):
+            raise LLMClockError(f"{dest}: not empty and holds no {marker}; refusing to replace it")
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise LLMClockError(f"{dest.parent}: cannot create this folder ({e.strerror})") from None
     tmp = dest.parent / f".{dest.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    try:
+        tmp.mkdir()
+    except OSError as e:
+        raise LLMClockError(f"{dest.parent}: cannot write here ({e.strerror})") from None
+    old = dest.parent / f".{dest.name}.old-{os.getpid()}"
     try:
         yield tmp
+        mode = 0o666 & ~umask()  # what the user's other files get (safetensors writes 0600)
         for f in tmp.iterdir():
+            if f.is_file():
+                f.chmod(mode)
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
+        if dest.exists():
+            os.rename(dest, old)
         os.rename(tmp, dest)
         _fsync_dir(dest.parent)
+        shutil.rmtree(old, ignore_errors=True)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if old.exists() and not dest.exists():
+            os.rename(old, dest)
         if isinstance(e, OSError) and e.errno == errno.ENOSPC:
             raise LLMClockError(f"no space left on device while writing {dest}") from None
+        if isinstance(e, OSError):
+            raise LLMClockError(f"{dest}: cannot write ({e.strerror})") from None
         raise
+
+
+def replace_dir(dest: Path, marker: str = "trace.jsonl"):
+    """atomic_dir that replaces an earlier output of the same kind (one holding `marker`)."""
+    return atomic_dir(dest, overwrite=True, marker=marker)
 
 
 def save_checkpoint(
@@ -194,6 +248,7 @@ def read_config(ckpt: Path) -> ModelConfig:
         raise LLMClockError(f"checkpoint directory {ckpt} not found")
     path = ckpt / CONFIG
     d = read_json(path, missing="missing (not an llmclock checkpoint?)")
+    d.pop(HASHES, None)
     if d.pop("format", None) != FORMAT or d.pop("architecture", None) != "gpt2":
         raise LLMClockError(
             f"{path}: not an llmclock GPT-2 checkpoint config (Hugging Face checkpoints: use `llmclock import-hf`)"
@@ -207,6 +262,7 @@ def read_tensors(path: Path) -> dict[str, torch.Tensor]:
 
     if not path.is_file():
         raise LLMClockError(f"{path}: missing")
+    verify_hash(path)
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as e:
@@ -226,6 +282,10 @@ def load_weights(model: torch.nn.Module, tensors: dict[str, torch.Tensor], sourc
     if problems:
         more = f" (+{len(problems) - 3} more)" if len(problems) > 3 else ""
         raise LLMClockError(f"{source}: does not match {CONFIG}: {'; '.join(problems[:3])}{more}")
+    for k, v in tensors.items():
+        if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            raise LLMClockError(f"{source}: {k} holds NaN or infinite values (a diverged or damaged model); "
+                                "refusing to use it")
     model.load_state_dict(tensors, strict=False)
 
 
@@ -252,6 +312,7 @@ def load_tokenizer(ckpt: Path, config: ModelConfig):
     path = Path(ckpt) / TOKENIZER
     if not path.is_file():
         raise LLMClockError(f"{path}: missing")
+    verify_hash(path)
     tok = Tokenizer.load(path)
     if tok.vocab_size > config.vocab_size:
         raise LLMClockError(
@@ -260,7 +321,16 @@ def load_tokenizer(ckpt: Path, config: ModelConfig):
     return tok
 
 
+def load_train_state_json(ckpt: Path) -> dict:
+    """train_state.json of a training checkpoint (step, recipe, RNG states), checked."""
+    path = Path(ckpt) / STATE
+    state = read_json(path, missing="missing (checkpoint has no training state to resume from)")
+    verify_hash(path)
+    if not isinstance(state.get("step"), int) or state["step"] < 0 or not isinstance(state.get("rng"), dict):
+        raise LLMClockError(f"{path}: no valid step and RNG state")
+    return state
+
+
 def load_train_state(ckpt: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     """(train_state.json, optimizer tensors) of a training checkpoint."""
-    state = read_json(Path(ckpt) / STATE, missing="missing (checkpoint has no training state to resume from)")
-    return state, read_tensors(Path(ckpt) / OPTIMIZER)
+    return load_train_state_json(ckpt), read_tensors(Path(ckpt) / OPTIMIZER)

@@ -21,13 +21,15 @@ import numpy as np
 
 from .corpus import SourceStats, expand_sources, iter_pieces, iter_sources
 from .errors import LLMClockError
-from .tokenizer import Tokenizer
+from .tokenizer import Tokenizer, umask
 
 __all__ = [
     "SourceStats", "TokenData", "eval_batches", "expand_sources", "get_batch", "iter_sources", "prepare", "token_dtype",
 ]
 
 MANIFEST = "manifest.json"
+TOKENIZER = "tokenizer.json"
+"""The tokenizer the shards were made with, kept beside them so `train` needs no --tokenizer."""
 FORMAT_VERSION = 1
 SPLITS = ("train", "val", "test")
 CHUNK_CHARS = 4 * 2**20
@@ -105,8 +107,8 @@ def _install(tmp: Path, out_dir: Path) -> None:
         os.rename(tmp, out_dir)
         return
     (out_dir / MANIFEST).unlink(missing_ok=True)
-    for split in SPLITS:
-        os.replace(tmp / f"{split}.bin", out_dir / f"{split}.bin")
+    for name in [f"{split}.bin" for split in SPLITS] + [TOKENIZER]:
+        os.replace(tmp / name, out_dir / name)
     os.replace(tmp / MANIFEST, out_dir / MANIFEST)
     tmp.rmdir()
 
@@ -142,7 +144,7 @@ def prepare(
     if out_dir.exists() and not out_dir.is_dir():
         raise LLMClockError(f"{out_dir}: exists and is not a directory")
     if (out_dir / MANIFEST).exists() and not overwrite:
-        raise LLMClockError(f"{out_dir}: already holds prepared data (pass overwrite=True to replace it)")
+        raise LLMClockError(f"{out_dir}: already holds prepared data (overwrite: --overwrite / overwrite=True)")
     dtype = token_dtype(tokenizer.vocab_size)
     files = expand_sources(sources)
     if shuffle_files:
@@ -153,6 +155,8 @@ def prepare(
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
     try:
+        tmp.chmod(0o777 & ~umask())  # the data directory a user shares, not mkdtemp's private 0700
+        tokenizer.save(tmp / TOKENIZER)
         stats = SourceStats()
         stream = tmp / "train.bin"  # the whole stream first; cut to the train prefix below
         n_tokens, reported = 0, 0
@@ -176,6 +180,7 @@ def prepare(
             "format": "llmclock-tokens",
             "version": FORMAT_VERSION,
             "tokenizer_hash": tokenizer.hash,
+            "tokenizer": TOKENIZER,
             "tokenizer_kind": tokenizer.kind,
             "vocab_size": tokenizer.vocab_size,
             "eot_id": tokenizer.eot_id,
@@ -197,7 +202,7 @@ def prepare(
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
         if (out_dir / MANIFEST).exists() and not overwrite:  # someone else finished first
-            raise LLMClockError(f"{out_dir}: already holds prepared data (pass overwrite=True to replace it)")
+            raise LLMClockError(f"{out_dir}: already holds prepared data (overwrite: --overwrite / overwrite=True)")
         _install(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -238,6 +243,11 @@ class TokenData:
             if size != want:
                 raise LLMClockError(f"{file}: {size} bytes, but the manifest says {n} tokens = {want} bytes")
         self._maps: dict[str, np.ndarray] = {}
+
+    @property
+    def tokenizer_path(self) -> Path:
+        """The tokenizer kept with the shards (it may be missing in data prepared by older versions)."""
+        return self.data_dir / TOKENIZER
 
     def num_tokens(self, split: str) -> int:
         """Tokens in `split`."""

@@ -1,7 +1,8 @@
 """`llmclock demo`: the whole pipeline on the embedded corpus (this Python's standard library).
 
 tokenizer -> token shards -> a few minutes of training -> validation/test evaluation -> samples
--> loss plot. The tokenizer and shards are cached under runs/.cache and reused by later demos.
+-> loss plot -> one sample traced cycle by cycle. The tokenizer and shards are cached under
+runs/.cache and reused by later demos.
 """
 
 from __future__ import annotations
@@ -60,14 +61,18 @@ def build_data(cache: Path, sources: list[str], vocab_size: int, echo):
 
 
 def calibrate_steps(model_config, train_config, seconds: float) -> int:
-    """How many optimizer steps fit in `seconds`, from timing a few steps of this very model."""
+    """How many optimizer steps fit in `seconds`, from timing a few steps of the model `train` will
+    run: on the CPU's fused kernels when the recipe uses them, as `train` does."""
     import torch
 
+    from .fused import fuse_cpu_ops
     from .model import GPT
     from .train import make_optimizer
 
     torch.manual_seed(0)
     model = GPT(model_config)
+    if train_config.fused_kernels and not train_config.compile and train_config.dtype == "float32":
+        fuse_cpu_ops(model)
     opt = make_optimizer(model, train_config, torch.device("cpu"))
     x = torch.randint(model_config.vocab_size, (train_config.batch_size, train_config.block_size))
     times = []
@@ -95,8 +100,9 @@ def run_demo(*, out: str | None, minutes: float, preset_name: str, vocab_size: i
     from .model import GPT
     from .train import train
 
-    if minutes <= 0:
+    if not 0 < minutes < float("inf"):
         raise LLMClockError(f"--minutes must be positive, got {minutes}")
+    preset(preset_name, vocab_size=vocab_size)  # a bad preset fails now, not after the tokenizer is trained
     run = Path(out) if out else next_run_dir(Path("runs/demo"))
     if run.exists():
         if not overwrite:
@@ -124,7 +130,7 @@ def run_demo(*, out: str | None, minutes: float, preset_name: str, vocab_size: i
     for split, e in result.evals.items():
         echo(f"      {split:5s} loss {e['loss']:.3f}  perplexity {e['ppl']:.1f}  next-token accuracy {e['acc']:.1%}")
 
-    echo("[5/5] samples (temperature 0.8, top-k 40, seeded)")
+    echo("[5/5] samples (temperature 0.8, top-k 40, seeded), then one traced on the clock")
     model, tok = load_checkpoint(run / "ckpt")
     engine = Engine(model, tok, slots=len(SAMPLE_PROMPTS))
     params = [SamplingParams(max_new_tokens=80, temperature=0.8, top_k=40, seed=seed + i) for i in range(len(SAMPLE_PROMPTS))]
@@ -137,12 +143,31 @@ def run_demo(*, out: str | None, minutes: float, preset_name: str, vocab_size: i
         echo("      " + text.replace("\n", "\n      "))
     (run / "samples.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
     echo("      " + "-" * 60)
+    trace = trace_one(engine, run, SAMPLE_PROMPTS[0], seed, echo)
     echo("files:")
     for label, path in [
         ("run directory", run), ("checkpoint", result.ckpt), ("metrics", result.metrics),
         ("loss curve", result.plot), ("samples", run / "samples.jsonl"), ("tokenizer", run / "ckpt" / "tokenizer.json"),
-        ("token shards", data.data_dir),
+        ("token shards", data.data_dir), ("trace", trace["jsonl"]), ("trace plot", trace["plot"]),
+        ("Perfetto trace", f"{trace['perfetto']} (open in ui.perfetto.dev)"),
     ]:
         echo(f"  {label:14s} {path}")
-    echo(f"next: llmclock generate --ckpt {run}/ckpt --prompt 'def fib(n):'")
+    echo("next:")
+    echo(f"  llmclock generate --ckpt {run}/ckpt --prompt 'def fib(n):'")
+    echo(f"  llmclock trace --ckpt {run}/ckpt --prompt 'def ' --prompt 'class ' --out {run}/trace-2 "
+         "--max-new-tokens 64 --temperature 0.8 --seed 1")
+    echo(f"  llmclock replay {trace['jsonl']}     # re-run the traced sample: identical, bit for bit?")
     return run
+
+
+def trace_one(engine, run: Path, prompt: str, seed: int, echo) -> dict:
+    """Trace one sample cycle by cycle into RUN/trace and print where each cycle's time went."""
+    from .engine import SamplingParams
+    from .trace import Tracer
+
+    with Tracer(engine, top_n=5) as tr:
+        engine.complete([prompt], SamplingParams(max_new_tokens=48, temperature=0.8, top_k=40, seed=seed))
+    paths = tr.write(run / "trace", tr.header(ckpt=run / "ckpt"))
+    echo(f"      one sample ({prompt!r}) on the clock, cycle by cycle:")
+    echo("      " + tr.summary().replace("\n", "\n      "))
+    return paths

@@ -135,7 +135,7 @@ def mean_over_ranks(value: float, d: Dist) -> float:
 
 def wrap(model: torch.nn.Module, d: Dist, device: torch.device, fsdp: bool) -> torch.nn.Module:
     """DDP, or FSDP's `fully_shard` on every block then the whole model (tied wte/lm_head in the root)."""
-    if d.world == 1 and not fsdp:
+    if d.world == 1:
         return model
     if fsdp:
         from torch.distributed.device_mesh import init_device_mesh

@@ -155,14 +155,16 @@ def weights_from_hf(sd: dict[str, torch.Tensor], source: Path, *, tied: bool = T
     return out
 
 
-def import_hf(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, *, allow_pickle: bool = False) -> Path:
-    """Convert a Hugging Face GPT-2 checkpoint directory into a new llmclock checkpoint at `out_dir`."""
+def import_hf(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, *, allow_pickle: bool = False,
+              overwrite: bool = False) -> Path:
+    """Convert a Hugging Face GPT-2 checkpoint directory into a new llmclock checkpoint at `out_dir`
+    (`overwrite`: replace an llmclock checkpoint there)."""
     from .tokenizer import Tokenizer
 
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
     if not hf_dir.is_dir():
         raise LLMClockError(f"{hf_dir}: not a directory")
-    if out_dir.exists():
+    if out_dir.exists() and not overwrite:
         raise LLMClockError(f"{out_dir} already exists; refusing to overwrite it")
     raw = read_json(hf_dir / HF_CONFIG)
     config = config_from_hf(raw, hf_dir / HF_CONFIG)
@@ -178,7 +180,7 @@ def import_hf(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, *, allow_pi
     model = model.to_empty(device="cpu")
     load_weights(model, tensors, source)
     model.lm_head.weight = model.transformer.wte.weight  # to_empty breaks the tie; restore it
-    write_checkpoint(out_dir, model, tokenizer)
+    write_checkpoint(out_dir, model, tokenizer, overwrite=overwrite)
     return out_dir
 
 
@@ -234,18 +236,19 @@ def _tokenizer_files(tokenizer, block_size: int, dest: Path) -> None:
     )
 
 
-def export_hf(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
-    """Write an llmclock checkpoint as a new Hugging Face GPT-2 directory at `out_dir`."""
+def export_hf(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    """Write an llmclock checkpoint as a new Hugging Face GPT-2 directory at `out_dir` (`overwrite`:
+    replace an earlier export there)."""
     from safetensors.torch import save_file
 
     out_dir = Path(out_dir)
-    if out_dir.exists():
+    if out_dir.exists() and not overwrite:
         raise LLMClockError(f"{out_dir} already exists; refusing to overwrite it")
     model, tokenizer = load_checkpoint(ckpt_dir)
     config = model.config
     if not config.bias:
         raise LLMClockError(f"{ckpt_dir}: model has bias=False; GPT-2 (and so a HF export) needs biases")
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
         write_json(tmp / HF_CONFIG, hf_config(config, tokenizer.eot_id))
         save_file(weights_to_hf(model_state(model)), str(tmp / SAFETENSORS), metadata={"format": "pt"})
         _tokenizer_files(tokenizer, config.block_size, tmp)

@@ -29,15 +29,32 @@ EOT = "<|endoftext|>"
 """The one special token: separates documents (GPT-2's id 50256)."""
 
 
+def umask() -> int:
+    """The process's file-creation mask (reading it means setting it, so it is set straight back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def _atomic_write_text(path: Path, text: str) -> None:
-    """Write `text` to `path` so that readers see the old file or the new one, never half."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    """Write `text` to `path` so that readers see the old file or the new one, never half.
+
+    The file gets the permissions of any file the user creates (mkstemp's would be 0600)."""
+    if not path.absolute().parent.is_dir():
+        raise LLMClockError(f"{path}: the folder {path.parent} does not exist")
     try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:
+        raise LLMClockError(f"{path}: cannot write in {path.parent} ({e.strerror})") from None
+    try:
+        os.fchmod(fd, 0o666 & ~umask())
         with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
             f.write(text)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise LLMClockError(f"{path}: cannot write ({e.strerror})") from None
         raise
 
 

@@ -259,16 +259,17 @@ class Tracer:
 
     def write(self, out_dir: str | Path, header: dict | None = None) -> dict[str, Path]:
         """trace.jsonl, trace.perfetto.json and trace.png into out_dir; -> their paths."""
-        from .trace_export import plot_waveform, to_perfetto
+        from .trace_export import json_safe, plot_waveform, to_perfetto
 
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         header = header if header is not None else self.header()
         paths = {"jsonl": out / JSONL, "perfetto": out / PERFETTO, "plot": out / PLOT}
         with open(paths["jsonl"], "w") as f:
-            f.write(json.dumps(header) + "\n")
-            f.writelines(json.dumps(r.to_dict(), ensure_ascii=False) + "\n" for r in self.records)
-        paths["perfetto"].write_text(json.dumps(to_perfetto(header, self.records)))
+            f.write(json.dumps(json_safe(header), allow_nan=False) + "\n")
+            f.writelines(json.dumps(json_safe(r.to_dict()), ensure_ascii=False, allow_nan=False) + "\n"
+                         for r in self.records)
+        paths["perfetto"].write_text(json.dumps(to_perfetto(header, self.records), allow_nan=False))
         plot_waveform(self.records, paths["plot"], title=header.get("ckpt") or "")
         return paths
 

@@ -5,6 +5,7 @@ All three read Records (in memory or loaded from trace.jsonl); none needs the mo
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -99,61 +100,107 @@ def to_perfetto(header: dict, records) -> dict:
     for c in cycles(records):
         ev.append({"ph": "C", "name": "kv cache", "pid": pid, "ts": _us(c.t), "args": {"bytes": c.records[0].kv_total}})
     other = {k: header.get(k) for k in ("llmclock", "torch", "device", "ckpt", "weights_sha256")}
-    return {"traceEvents": ev, "displayTimeUnit": "ms", "otherData": other}
+    return json_safe({"traceEvents": ev, "displayTimeUnit": "ms", "otherData": other})
+
+
+def json_safe(obj):
+    """`obj` with every NaN or infinity replaced by None: JSON has no such numbers, and a trace
+    viewer given the non-standard tokens Python writes for them rejects the whole file."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
 
 
 # ---------------------------------------------------------------- the clock waveform
 
+STAGE_COLORS = dict(zip(GROUPS, ("#d9d9d9", "#969696", "#636363", "#bdbdbd", "#252525")))
+"""Stages in greys, so that colour in the plot always means a slot."""
+LABEL_CHARS = 10
+"""Token labels are cut to this many characters (and marked with …) to stay inside their row."""
+_CYCLE_IN = 0.14
+"""Inches of x axis a cycle needs for its (vertical) token label not to touch the next one."""
 
-def _show(s: str) -> str:
-    return s.replace("\n", "\\n").replace("\t", "\\t").replace("\r", "\\r") or "·"
+
+def _show(s: str, limit: int = LABEL_CHARS) -> str:
+    s = s.replace("\n", "\\n").replace("\t", "\\t").replace("\r", "\\r") or "·"
+    return s if len(s) <= limit else s[: limit - 1] + "…"
+
+
+def _finite(v: float) -> float:
+    return v if isinstance(v, (int, float)) and math.isfinite(v) else float("nan")
 
 
 def plot_waveform(records, path: str | Path, title: str = "") -> Path | None:
-    """Per-cycle latency (stacked by stage), logprob and entropy as strips under the emitted tokens."""
+    """Per-cycle latency (stacked by stage), logprob and entropy as strips under the emitted tokens.
+
+    One colour per slot (tokens, logprob and entropy lines, legend), stages in greys, prefill
+    cycles shaded and labelled, integer cycle ticks. Token labels are vertical, cut to
+    LABEL_CHARS, and thinned to every k-th cycle when the figure cannot give each its own room.
+    """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.patches import Patch
+    from matplotlib.ticker import MaxNLocator
 
     cs = cycles(records)
     if not cs:
         return None
     slots = sorted({r.slot for r in records})
-    width = min(40.0, max(9.0, 0.09 * len(cs) + 4))
-    heights = [0.4 + 0.3 * len(slots), 1.6, 1.2, 1.2]
-    fig = Figure(figsize=(width, sum(heights) + 0.8))
+    lo, hi = cs[0].cycle, cs[-1].cycle
+    span = hi - lo + 1
+    margin = 1.6  # inches of y labels and padding around the axes
+    width = min(60.0, max(8.0, _CYCLE_IN * span + margin))
+    stride = max(1, math.ceil(_CYCLE_IN / ((width - margin) / span)))
+    heights = [0.3 + 0.85 * len(slots), 1.6, 1.2, 1.2]
+    fig = Figure(figsize=(width, sum(heights) + 1.0))
     FigureCanvasAgg(fig)
     axes = fig.subplots(4, 1, sharex=True, gridspec_kw={"height_ratios": heights})
     colors = {s: f"C{i % 10}" for i, s in enumerate(slots)}
     x = [c.cycle for c in cs]
 
     ax = axes[0]
-    rot = 90 if len(cs) > 40 else 0
     for r in records:
-        ax.text(r.cycle, r.slot, _show(r.token), ha="center", va="center", fontsize=7, rotation=rot,
-                family="monospace", color=colors[r.slot])
-    ax.set_ylim(max(slots) + 0.7, min(slots) - 0.7)
+        if (r.cycle - lo) % stride == 0 or r.finish_reason:
+            ax.text(r.cycle, r.slot, _show(r.token), ha="center", va="center", fontsize=7, rotation=90,
+                    family="monospace", color=colors[r.slot], clip_on=True)
+    ax.set_ylim(max(slots) + 0.5, min(slots) - 0.5)
     ax.set_yticks(slots, [f"slot {s}" for s in slots])
-    ax.set_title(f"clock waveform {title}".strip(), fontsize=9, loc="left")
+    note = f" (every {stride}th token shown)" if stride > 1 else ""
+    ax.set_title(f"clock waveform {title}{note}".strip(), fontsize=9, loc="left")
 
     ax, bottom = axes[1], [0.0] * len(cs)
     for g in GROUPS:
         h = [c.groups()[g] * 1e3 for c in cs]
-        ax.bar(x, h, bottom=bottom, width=0.9, label=g)
+        ax.bar(x, h, bottom=bottom, width=0.9, label=g, color=STAGE_COLORS[g], edgecolor="none")
         bottom = [b + v for b, v in zip(bottom, h)]
-    ax.set_ylabel("ms")
-    ax.legend(fontsize=6, ncol=len(GROUPS), loc="upper right")
+    ax.set_ylabel("ms / cycle", fontsize=8)
+    handles = ax.get_legend_handles_labels()[0] + [Patch(color="#fde0c5", label="prefill cycle")]
+    ax.legend(handles=handles, fontsize=6, loc="upper left", bbox_to_anchor=(1.005, 1.0), title="stages",
+              title_fontsize=6)
 
     for ax, attr, label in ((axes[2], "logprob", "logprob"), (axes[3], "entropy", "entropy (nats)")):
         for s in slots:
-            val = {r.cycle: getattr(r, attr) for r in records if r.slot == s}
-            ax.step(x, [val.get(c, float("nan")) for c in x], where="mid", color=colors[s], lw=1)  # gaps: idle
+            val = {r.cycle: _finite(getattr(r, attr)) for r in records if r.slot == s}
+            ax.step(x, [val.get(c, float("nan")) for c in x], where="mid", color=colors[s], lw=1,
+                    label=f"slot {s}")  # gaps: the slot was idle
         ax.set_ylabel(label, fontsize=8)
+    axes[0].legend(handles=[Patch(color=colors[s], label=f"slot {s}") for s in slots], fontsize=6, loc="upper left",
+                   bbox_to_anchor=(1.005, 1.0), title="slots", title_fontsize=6)
     axes[3].set_xlabel("clock cycle")
+    axes[3].xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes[3].set_xlim(lo - 0.5, hi + 0.5)
+    prefills = [c.cycle for c in cs if c.kind == "prefill"]
     for ax in axes:
-        for c in cs:
-            if c.kind == "prefill":
-                ax.axvspan(c.cycle - 0.5, c.cycle + 0.5, color="0.9", zorder=0)
+        for c in prefills:
+            ax.axvspan(c - 0.5, c + 0.5, color="#fde0c5", zorder=0, lw=0)
         ax.tick_params(labelsize=7)
+    if prefills:
+        axes[1].text(prefills[0], 1.0, "prefill", transform=axes[1].get_xaxis_transform(), ha="center",
+                     va="bottom", fontsize=7, color="#a0522d")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     return Path(path)

@@ -19,7 +19,7 @@ import torch
 
 from . import checkpoint as ckpt_io
 from . import distributed
-from .config import ModelConfig, TrainConfig
+from .config import ModelConfig, TrainConfig, resolve_device  # noqa: F401 (resolve_device: also imported from here)
 from .distributed import Dist, init_distributed  # noqa: F401  (re-exported: train.Dist)
 from .errors import LLMClockError
 from .evaluate import evaluate
@@ -72,12 +72,6 @@ def make_optimizer(model: GPT, cfg: TrainConfig, device: torch.device) -> torch.
         return torch.optim.AdamW(groups, **kwargs)
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise LLMClockError(f"device {name!r} requested but CUDA is not available")
-    return torch.device(name)
 
 
 class MetricsLog:
@@ -177,14 +171,15 @@ def train(
         evx, evy = eval_batches(val_tokens, cfg.batch_size, cfg.block_size, cfg.eval_batches, cfg.seed)
 
     plan = distributed.batch_plan(cfg.grad_accum, dist, prior or None)
+    fsdp = cfg.fsdp and dist.world > 1  # one rank has nothing to shard
     autocast_dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else None
-    if cfg.fused_kernels and device.type == "cpu" and autocast_dtype is None and not cfg.compile and not cfg.fsdp:
+    if cfg.fused_kernels and device.type == "cpu" and autocast_dtype is None and not cfg.compile and not fsdp:
         fuse_cpu_ops(model)
-    model = distributed.wrap(model, dist, device, cfg.fsdp)  # fully_shard shards in place; DDP wraps
+    model = distributed.wrap(model, dist, device, fsdp)  # fully_shard shards in place; DDP wraps
     raw_model = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
     optimizer = make_optimizer(raw_model, cfg, device)
     if opt_tensors is not None:
-        distributed.load_optimizer(raw_model, optimizer, opt_tensors, cfg.fsdp)
+        distributed.load_optimizer(raw_model, optimizer, opt_tensors, fsdp)
     if cfg.compile:
         model = torch.compile(model)
 
@@ -211,7 +206,7 @@ def train(
 
         bar = tqdm(total=cfg.max_steps, initial=step, desc="train", unit="step", dynamic_ncols=True, disable=None)
     elapsed = 0.0
-    eval_dist = None if cfg.fsdp else dist  # FSDP: every rank runs every forward (each gathers the shards)
+    eval_dist = None if fsdp else dist  # FSDP: every rank runs every forward (each gathers the shards)
 
     def run_eval(at_step: int) -> dict | None:
         if evx is None:
@@ -224,10 +219,10 @@ def train(
 
     def save(at_step: int, collective: bool = True) -> None:
         """Rank 0 writes; every rank takes part in gathering (RNG states, FSDP shards) when `collective`."""
-        if not collective and cfg.fsdp:
+        if not collective and fsdp:
             return  # the shards cannot be gathered from one interrupted rank; the last checkpoint stands
         rngs = distributed.gather_rng(dist) if collective else [ckpt_io.rng_state()]
-        weights, moments = distributed.full_state(raw_model, optimizer, cfg.fsdp)
+        weights, moments = distributed.full_state(raw_model, optimizer, fsdp)
         if not dist.main:
             return
         state = {
