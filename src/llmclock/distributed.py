@@ -42,6 +42,11 @@ class Dist:
         return self.rank == 0
 
 
+def restarted() -> bool:
+    """Whether torchrun restarted this job after a worker failed (TORCHELASTIC_RESTART_COUNT > 0)."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0
+
+
 def init_distributed(device: torch.device, timeout_s: float = 300.0) -> tuple[Dist, torch.device]:
     """Join torchrun's process group (gloo on the CPU, NCCL on GPUs), every collective bounded by `timeout_s`."""
     restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)

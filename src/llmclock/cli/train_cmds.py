@@ -229,6 +229,7 @@ def cmd_train(a) -> None:
     from ..checkpoint import read_config
     from ..config import resolve_device
     from ..data import TokenData
+    from ..distributed import restarted
     from ..memory import check_fits, train_step_bytes
     from ..tokenizer import Tokenizer
     from ..train import train
@@ -240,6 +241,8 @@ def cmd_train(a) -> None:
     data = TokenData(a.data)
     tok = _data_tokenizer(a, data, Tokenizer)
     out, link = Path(a.out), Path(a.out) / "ckpt"
+    if not a.resume and restarted() and link.exists():
+        a.resume = True  # torchrun restarted this job after a failure: continue from its last checkpoint
     state = None
     if a.resume:
         mcfg, cfg, state = _resume_configs(a, link)
