@@ -92,12 +92,76 @@ def allreduce_ms(vocab: int, work: Path) -> tuple[int, float]:
     return int(fields["params"]), float(fields["ms"])
 
 
+def serve_autoscaled_vs_one(work: Path, requests: int, clients: int) -> float:
+    """Requests/s of one burst against 1 replica, then against a deployment autoscaling 1 -> 2 (Ray, 2 CPUs)."""
+    import asyncio
+    import socket
+
+    import httpx
+    import ray
+    import torch
+
+    from llmclock.checkpoint import write_checkpoint
+    from llmclock.config import preset
+    from llmclock.model import GPT
+    from llmclock.server.config import ServerConfig
+    from llmclock.server.replicas import ReplicaConfig, replica_count, start, stop
+    from llmclock.tokenizer import Tokenizer
+
+    tok = Tokenizer.load(work / "data" / "tokenizer.json")
+    torch.manual_seed(0)
+    write_checkpoint(work / "serve_ckpt", GPT(preset("nano", vocab_size=tok.vocab_size, block_size=256)), tok)
+    os.environ.setdefault("RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S", "0.5")
+    os.environ.setdefault("RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S", "0.5")
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    config = ServerConfig(ckpt=str(work / "serve_ckpt"), port=port, slots=8, queue=256)
+    url = f"http://127.0.0.1:{port}/v1/completions"
+    body = {"model": config.model_name, "prompt": "To be, or not to be", "max_tokens": 64, "temperature": 1.0}
+
+    async def burst() -> tuple[float, int, int]:
+        done = failed = 0
+        todo = iter(range(requests))
+
+        async def client(c):
+            nonlocal done, failed
+            for _ in todo:
+                r = await c.post(url, json=body)
+                done, failed = done + (r.status_code == 200), failed + (r.status_code != 200)
+
+        async with httpx.AsyncClient(timeout=300) as c:
+            t0 = time.perf_counter()
+            await asyncio.gather(*(client(c) for _ in range(clients)))
+            return time.perf_counter() - t0, done, failed
+
+    rates = {}
+    try:
+        for name, most in (("1 replica", 1), ("autoscaled 1-2", 2)):
+            scaling = ReplicaConfig(min_replicas=1, max_replicas=most, target_ongoing_requests=config.slots,
+                                    upscale_delay_s=1.0, downscale_delay_s=5.0, look_back_period_s=2.0)
+            start(config, scaling)
+            secs, ok, bad = asyncio.run(burst())
+            rates[name] = ok / secs
+            print(f"serving, {requests} requests x 64 tokens from {clients} clients, {name}: {secs:.1f} s, "
+                  f"{rates[name]:.2f} requests/s ({bad} failed; {replica_count()} replica(s) at the end)", flush=True)
+            while replica_count() > 1:  # back to one replica before the next burst
+                time.sleep(0.5)
+    finally:
+        stop()
+    ratio = rates["autoscaled 1-2"] / rates["1 replica"]
+    print(f"  autoscaled / 1 replica: {ratio:.2f}x (replica start-up included; 2 CPUs)")
+    return ratio
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=60, help="training steps per run")
     ap.add_argument("--rounds", type=int, default=2, help="1-process / 2-process runs, alternated")
     ap.add_argument("--skip-serve", action="store_true")
-    ap.add_argument("--requests", type=int, default=48, help="serving: requests in the burst")
+    ap.add_argument("--requests", type=int, default=400, help="serving: requests in the burst")
+    ap.add_argument("--clients", type=int, default=16, help="serving: concurrent clients")
     a = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -116,9 +180,7 @@ def main() -> None:
         print(f"all-reduce of the gradients ({params:,} floats, gloo, 2 processes): {ms:.2f} ms per step")
         ratio = float("nan")
         if not a.skip_serve:
-            from serve_burst import autoscaled_vs_one  # bench/serve_burst.py: Ray Serve, 1 vs autoscaled
-
-            ratio = autoscaled_vs_one(work, a.requests)
+            ratio = serve_autoscaled_vs_one(work, a.requests, a.clients)
     print(f"RESULT tokens_per_s_1={t1:.1f} tokens_per_s_2={t2:.1f} allreduce_ms={ms:.3f} serve_autoscaled_vs_1={ratio:.3f}")
 
 
