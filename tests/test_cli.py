@@ -117,6 +117,8 @@ def test_demo_tiny_budget(tmp_path, monkeypatch):
         assert needle in out, out
     run_dir = tmp_path / "runs" / "demo"
     assert (run_dir / "ckpt" / "model.safetensors").exists() and (run_dir / "loss.png").exists()
+    assert (run_dir / "trace" / "trace.png").exists() and (run_dir / "trace" / "trace.perfetto.json").exists()
+    assert "time share:" in out and "llmclock trace --ckpt" in out and "llmclock replay" in out
     again = run("demo", "--minutes", "0.1", "--preset", "test", "--vocab-size", "400", "--max-files", "40", cwd=tmp_path)
     assert "reusing tokenizer" in again.stdout and (tmp_path / "runs" / "demo-1" / "ckpt").exists()
 

@@ -43,7 +43,7 @@ def chat_loop(engine, params, *, system: str = "", echo=print, read=input) -> li
     (undecodable bytes arrive as surrogates) is refused with a note.
     """
     params.stop = list(dict.fromkeys(list(params.stop) + STOP))
-    budget = engine.max_len - min(params.max_new_tokens, engine.max_len // 2)
+    budget = engine.max_len - min(params.max_new_tokens, engine.max_len // 4)  # a reply gets >= 1/4 of the context
     history: list[dict] = [{"role": "system", "content": system}] if system else []
     echo("chat: type a message, /reset to forget, /exit or Ctrl-D to leave; Ctrl-C stops a reply")
     while True:

@@ -262,11 +262,12 @@ def read_tensors(path: Path) -> dict[str, torch.Tensor]:
 
     if not path.is_file():
         raise LLMClockError(f"{path}: missing")
-    verify_hash(path)
     try:
-        return load_file(str(path))
+        tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as e:
         raise LLMClockError(f"{path}: truncated or corrupt safetensors file ({e})") from None
+    verify_hash(path)  # after the parse, so a cut file is named as such; flipped bytes that parse end here
+    return tensors
 
 
 def load_weights(model: torch.nn.Module, tensors: dict[str, torch.Tensor], source: Path) -> None:

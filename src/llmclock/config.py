@@ -267,7 +267,6 @@ class TrainConfig:
         return cls(**{k: v for k, v in d.items() if k in known})
 
 
-
 @dataclass
 class SamplingParams:
     """How one sequence picks its tokens. Defaults follow OpenAI's API (temperature 1, no cut-offs)."""

@@ -107,7 +107,7 @@ def _install(tmp: Path, out_dir: Path) -> None:
         os.rename(tmp, out_dir)
         return
     (out_dir / MANIFEST).unlink(missing_ok=True)
-    for name in [f"{split}.bin" for split in SPLITS] + [TOKENIZER]:
+    for name in [f"{split}.bin" for split in SPLITS] + [TOKENIZER] * (tmp / TOKENIZER).exists():
         os.replace(tmp / name, out_dir / name)
     os.replace(tmp / MANIFEST, out_dir / MANIFEST)
     tmp.rmdir()
@@ -127,7 +127,8 @@ def prepare(
     progress: Any = None,
     chunk_chars: int = CHUNK_CHARS,
 ) -> dict:
-    """Tokenize `sources` into `out_dir`/{train,val,test}.bin + manifest.json; return the manifest.
+    """Tokenize `sources` into `out_dir`/{train,val,test}.bin + manifest.json, with a copy of the
+    tokenizer (tokenizer.json) so that `train` finds it there; return the manifest.
 
     Every document is followed by `tokenizer.eot_id`. The stream is split contiguously:
     the first (1 - val - test) of the tokens are train, then val, then test. Files are
@@ -156,7 +157,8 @@ def prepare(
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
     try:
         tmp.chmod(0o777 & ~umask())  # the data directory a user shares, not mkdtemp's private 0700
-        tokenizer.save(tmp / TOKENIZER)
+        if hasattr(tokenizer, "save"):  # every Tokenizer can; a stand-in object need not
+            tokenizer.save(tmp / TOKENIZER)
         stats = SourceStats()
         stream = tmp / "train.bin"  # the whole stream first; cut to the train prefix below
         n_tokens, reported = 0, 0
@@ -180,7 +182,7 @@ def prepare(
             "format": "llmclock-tokens",
             "version": FORMAT_VERSION,
             "tokenizer_hash": tokenizer.hash,
-            "tokenizer": TOKENIZER,
+            "tokenizer": TOKENIZER if (tmp / TOKENIZER).exists() else None,
             "tokenizer_kind": tokenizer.kind,
             "vocab_size": tokenizer.vocab_size,
             "eot_id": tokenizer.eot_id,
@@ -204,8 +206,10 @@ def prepare(
         if (out_dir / MANIFEST).exists() and not overwrite:  # someone else finished first
             raise LLMClockError(f"{out_dir}: already holds prepared data (overwrite: --overwrite / overwrite=True)")
         _install(tmp, out_dir)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) and str(tmp) in str(e.filename or tmp):  # name the output, not the temp file
+            raise LLMClockError(f"{out_dir}: cannot write the token shards ({e.strerror or e})") from None
         raise
     return manifest
 

@@ -48,15 +48,17 @@ def available_bytes(device=None) -> int:
     return min(free, cg) if cg is not None else free
 
 
-def train_step_bytes(model_config, batch_size: int, block_size: int) -> int:
-    """Weights, gradients and AdamW moments (16 bytes a parameter) plus one micro-batch's activations:
-    per token and layer about 16 residual-width vectors and a row of attention weights per head,
-    and the logits with their gradient (fp32)."""
+def train_bytes(model_config, cfg) -> int:
+    """Training with TrainConfig `cfg`: weights, gradients and AdamW moments (16 bytes a parameter),
+    one micro-batch's activations (per token and layer about 16 residual-width vectors and a row of
+    attention weights per head; the logits with their gradient), all fp32, and the fixed
+    validation and test windows (int64)."""
     c = model_config
     params = c.vocab_size * c.n_embd + c.block_size * c.n_embd + c.n_layer * 12 * c.n_embd**2
-    tokens = batch_size * block_size
-    per_token = c.n_layer * (16 * c.n_embd + c.n_head * block_size) + 3 * c.vocab_size + 4 * c.n_embd
-    return 16 * params + 4 * tokens * per_token
+    tokens = cfg.batch_size * cfg.block_size
+    per_token = c.n_layer * (16 * c.n_embd + c.n_head * cfg.block_size) + 3 * c.vocab_size + 4 * c.n_embd
+    windows = 2 * 3 * 8 * cfg.eval_batches * cfg.batch_size * (cfg.block_size + 1)
+    return 16 * params + 4 * tokens * per_token + windows
 
 
 def eval_bytes(model_config, rows: int, chunk: int, block_size: int) -> int:

@@ -60,8 +60,9 @@ class Record:
     dur: float
     """Seconds of engine work for this slot's cycle (the tracer's own work excluded)."""
     stages: dict[str, tuple[float, float]]
-    """Stage -> (start offset from t, seconds). In a tick the slots share the stages (one batched
-    forward); in a prefill each slot has its own embed..head, and sample/post are shared."""
+    """Stage -> (start offset from t, seconds): embed..head of the forward this slot ran in (one
+    packed forward for the cycle's prompts, one batched forward for its ticks, each shared by its
+    slots), then sample and post, shared by every slot of the cycle."""
     probe: float
     """Seconds the tracer itself spent in this cycle."""
     kv_bytes: int
@@ -71,6 +72,10 @@ class Record:
     finish_reason: str | None = None
     lens: dict[int, list[tuple[int, str, float]]] | None = None
     """Logit lens: layer -> top (id, text, probability) had the clock stopped after that block."""
+    cycle_kind: str | None = None
+    """What the whole cycle ran: 'prefill', 'tick' or 'prefill+tick' (prompts prefilled, in chunks
+    of a token budget, in the same cycle as the other slots' ticks: a tick record's stages are its
+    own forward's, and the prefill ran before it). None in traces from before mixed cycles."""
 
     def to_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -123,6 +128,7 @@ class Tracer:
         self.epoch = perf_counter()
         self._bpp = engine.cache.nbytes // (engine.cache.slots * engine.cache.max_len)  # bytes per position
         self._pieces: dict[int, str] = {}
+        self._prompt_len: dict[str, int] = {}  # request id -> prompt tokens: an event at that position is a prefill's
         self._prev = None
 
     def __enter__(self) -> Tracer:
@@ -139,12 +145,14 @@ class Tracer:
         eng = self.engine
         if self.first_cycle is None:
             self.first_cycle = eng.cycle
-        if kind == "prefill":
-            for slot in slots:
-                self.requests.append(_request(eng.running[slot], eng.cycle, eng.tokenizer))
+        for slot in slots:
+            seq = eng.running[slot]
+            if seq.prefilled == 0:  # admitted this cycle
+                self.requests.append(_request(seq, eng.cycle, eng.tokenizer))
+                self._prompt_len[seq.request_id] = len(seq.prompt_ids)
         self._kind = kind
         self._spans: list[tuple[str, float, float, int]] = []  # (stage, start, seconds, group)
-        self._group = -1  # prefill runs one forward per slot: group = its index among `slots`
+        self._group = -1  # the forward a stage belongs to: 0, then 1 for the ticks of a 'prefill+tick' cycle
         self._res: list[list[torch.Tensor]] = [[] for _ in self.lens]
         if self._cuda:
             torch.cuda.synchronize(self._device)
@@ -172,6 +180,8 @@ class Tracer:
 
     def end(self, events: list, logits: torch.Tensor, logprobs: torch.Tensor) -> None:
         self.mark("post")  # the engine's own bookkeeping after sampling: detokenise, stop checks
+        if not events:  # the cycle only advanced a long prompt's prefill: no token, no record
+            return
         t_in = perf_counter()
         n, k, kl = len(events), self.top_n, max(self.top_n, 1)
         lp = logprobs.float()  # (n, V): the model's own distribution
@@ -180,9 +190,7 @@ class Tracer:
             v, i = lp.topk(k, dim=-1)  # (n, k)
             cols += [v.exp(), i]
         if self.lens:
-            R = torch.stack([torch.cat(r) for r in self._res])  # (L, rows, C)
-            if self._kind == "tick" and R.size(1) != n:
-                R = R[:, [ev.slot for ev in events]]  # tick rows are slots; keep the running ones
+            R = torch.stack([torch.cat(r) for r in self._res])  # (L, n, C): the forwards' rows in event order
             lg = self.engine.model.head(R).float()  # (L, n, V): every lens layer through one matmul
             lv, li = lg.topk(kl, dim=-1)  # (L, n, kl)
             lv = (lv - lg.logsumexp(-1, keepdim=True)).exp()
@@ -202,10 +210,12 @@ class Tracer:
         spans, nl = self._spans, len(self.lens)
         finished = sum(ev.position for ev in events if ev.finish_reason)
         kv_total = (sum(self.engine.cache.lengths) + finished) * self._bpp
-        shared = _relative(spans) if self._kind == "tick" else None  # one batched forward for all slots
+        ticks_after_prefill = int(self._kind == "prefill+tick")  # the tick forward is group 1
         out = []
-        for r, (ev, row) in enumerate(zip(events, rows)):
-            t0, stages, dur = shared or _relative([s for s in spans if s[3] in (r, -1)])
+        for ev, row in zip(events, rows):
+            kind = "prefill" if ev.position == self._prompt_len.get(ev.request_id) else "tick"
+            group = 0 if kind == "prefill" else ticks_after_prefill
+            t0, stages, dur = _relative([s for s in spans if s[3] in (group, -1)])
             top = self._top(row[1 + k : 1 + 2 * k], row[1 : 1 + k])
             lens = None
             if nl:
@@ -213,9 +223,9 @@ class Tracer:
                 lens = {layer: self._top(row[i + j * kl : i + (j + 1) * kl], row[p + j * kl : p + (j + 1) * kl])
                         for j, layer in enumerate(self.lens)}
             out.append(Record(
-                self._kind, ev.cycle, ev.slot, ev.request_id, ev.position, ev.token_id, self._piece(ev.token_id),
+                kind, ev.cycle, ev.slot, ev.request_id, ev.position, ev.token_id, self._piece(ev.token_id),
                 ev.text, ev.logprob, row[0], top, t0 - self.epoch, dur, stages, 0.0, ev.position * self._bpp,
-                kv_total, ev.finish_reason, lens,
+                kv_total, ev.finish_reason, lens, self._kind,
             ))
         self.records += out
         return out
@@ -248,7 +258,8 @@ class Tracer:
             "weights_sha256": weights_hash(ckpt) if ckpt else None,
             "tokenizer_sha256": getattr(tok, "hash", None),
             "model": eng.model.config.to_dict(),
-            "engine": {"slots": eng.slots, "max_len": eng.max_len, "compile": eng.compiled},
+            "engine": {"slots": eng.slots, "max_len": eng.max_len, "compile": eng.compiled,
+                       "max_batched_tokens": eng.max_batched_tokens},
             "first_cycle": self.first_cycle,
             "idle_start": self.idle_start,
             "top_n": self.top_n,
@@ -394,7 +405,8 @@ def replay(path: str | Path, ckpt: str | Path | None = None) -> Replay:
         raise LLMClockError(f"{ckpt}: tokenizer differs from the one the trace was recorded with")
     model.to(getattr(torch, header.get("dtype", "float32")))
     e = header["engine"]
-    eng = Engine(model, tok, slots=e["slots"], max_len=e["max_len"], compile=e["compile"])
+    eng = Engine(model, tok, slots=e["slots"], max_len=e["max_len"], compile=e["compile"],
+                 max_batched_tokens=e.get("max_batched_tokens"))
     eng.cycle = (header.get("first_cycle") or 1) - 1
     pending = sorted(header["requests"], key=lambda q: q["cycle"])
     threads = torch.get_num_threads()

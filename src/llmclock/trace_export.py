@@ -9,7 +9,6 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-SHARED = ("sample", "post")  # stages a prefill's slots share (the rest run once per slot)
 GROUPS = ("embed", "blocks", "head", "sample", "post")
 
 
@@ -21,7 +20,7 @@ class Cycle:
     kind: str
     t: float
     stages: dict[str, float]
-    """Stage -> seconds of engine work (a prefill's per-slot forwards summed)."""
+    """Stage -> seconds of engine work (summed over the cycle's forwards: prompts, then ticks)."""
     probe: float
     records: list = field(default_factory=list)
 
@@ -43,17 +42,14 @@ def cycles(records) -> list[Cycle]:
         by.setdefault(r.cycle, []).append(r)
     out = []
     for c, rs in sorted(by.items()):
-        first = rs[0]
-        if first.kind == "tick":  # one batched forward: every slot's record holds the same stages
-            stages = {name: d for name, (_, d) in first.stages.items()}
-        else:
-            stages = {}
-            for r in rs:
-                for name, (_, d) in r.stages.items():
-                    if name not in SHARED:
-                        stages[name] = stages.get(name, 0.0) + d
-            stages.update({name: d for name, (_, d) in first.stages.items() if name in SHARED})
-        out.append(Cycle(c, first.kind, min(r.t for r in rs), stages, first.probe, rs))
+        # Slots that ran in the same forward share its stages; older traces gave each prefilled slot
+        # its own forward. A stage counts once per distinct start.
+        spans = {(name, round(r.t + off, 9)): d for r in rs for name, (off, d) in r.stages.items()}
+        stages: dict[str, float] = {}
+        for (name, _), d in spans.items():
+            stages[name] = stages.get(name, 0.0) + d
+        kind = rs[0].cycle_kind or rs[0].kind
+        out.append(Cycle(c, kind, min(r.t for r in rs), stages, rs[0].probe, rs))
     return out
 
 
@@ -135,6 +131,15 @@ def _finite(v: float) -> float:
 
 
 def plot_waveform(records, path: str | Path, title: str = "") -> Path | None:
+    """The clock waveform (see `waveform_figure`) as a PNG; None when there are no records."""
+    fig = waveform_figure(records, title)
+    if fig is None:
+        return None
+    fig.savefig(path, dpi=110)
+    return Path(path)
+
+
+def waveform_figure(records, title: str = ""):
     """Per-cycle latency (stacked by stage), logprob and entropy as strips under the emitted tokens.
 
     One colour per slot (tokens, logprob and entropy lines, legend), stages in greys, prefill
@@ -164,7 +169,7 @@ def plot_waveform(records, path: str | Path, title: str = "") -> Path | None:
 
     ax = axes[0]
     for r in records:
-        if (r.cycle - lo) % stride == 0 or r.finish_reason:
+        if (r.cycle - lo) % stride == 0:
             ax.text(r.cycle, r.slot, _show(r.token), ha="center", va="center", fontsize=7, rotation=90,
                     family="monospace", color=colors[r.slot], clip_on=True)
     ax.set_ylim(max(slots) + 0.5, min(slots) - 0.5)
@@ -193,7 +198,7 @@ def plot_waveform(records, path: str | Path, title: str = "") -> Path | None:
     axes[3].set_xlabel("clock cycle")
     axes[3].xaxis.set_major_locator(MaxNLocator(integer=True))
     axes[3].set_xlim(lo - 0.5, hi + 0.5)
-    prefills = [c.cycle for c in cs if c.kind == "prefill"]
+    prefills = [c.cycle for c in cs if "prefill" in c.kind]  # 'prefill' or 'prefill+tick'
     for ax in axes:
         for c in prefills:
             ax.axvspan(c - 0.5, c + 0.5, color="#fde0c5", zorder=0, lw=0)
@@ -202,8 +207,7 @@ def plot_waveform(records, path: str | Path, title: str = "") -> Path | None:
         axes[1].text(prefills[0], 1.0, "prefill", transform=axes[1].get_xaxis_transform(), ha="center",
                      va="bottom", fontsize=7, color="#a0522d")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    return Path(path)
+    return fig
 
 
 # ---------------------------------------------------------------- terminal summary
@@ -216,12 +220,14 @@ def summary(records, slowest: int = 3) -> str:
     busy = sum(c.dur for c in cs)
     probe = sum(c.probe for c in cs)
     n_pre = sum(c.kind == "prefill" for c in cs)
+    n_mixed = sum(c.kind == "prefill+tick" for c in cs)
     share = dict.fromkeys(GROUPS, 0.0)
     for c in cs:
         for g, d in c.groups().items():
             share[g] += d
     lines = [
-        (f"trace: {len(cs)} cycles ({n_pre} prefill, {len(cs) - n_pre} tick), {len(records)} tokens in "
+        (f"trace: {len(cs)} cycles ({n_pre} prefill, {len(cs) - n_pre - n_mixed} tick, {n_mixed} both), "
+         f"{len(records)} tokens in "
          f"{busy:.3f} s of engine time = {len(records) / busy if busy else 0:.1f} tokens/s; "
          f"tracer overhead {probe:.3f} s"),
         "time share: " + "  ".join(f"{g} {100 * d / busy if busy else 0:.1f}%" for g, d in share.items()),

@@ -121,8 +121,9 @@ def train(
 
     `init_from` starts from a checkpoint's weights (fine-tuning); `resume` continues OUT_DIR's own
     run exactly (on any number of ranks that divides its global batch; a torchrun restart resumes
-    by itself). `on_step(step, loss)` is called after every optimizer step; an exception it raises
-    (KeyboardInterrupt included) stops training after a checkpoint is saved.
+    by itself). `on_step(step, loss)` is called after every optimizer step; an exception it
+    raises stops training. Only a KeyboardInterrupt (Ctrl-C, from anywhere in the loop) saves a
+    checkpoint first, and only when a step was taken since the start or the last save.
     """
     from .data import eval_batches, get_batch
 

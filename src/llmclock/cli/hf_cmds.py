@@ -32,6 +32,11 @@ def add_export_hf(sub) -> None:
 
 def cmd_export_hf(a) -> None:
     from ..hf import export_hf
+    from ..tokenizer import Tokenizer
 
     out = check_out(a.out_dir, "OUT_DIR", overwrite=a.overwrite, kind="dir")
     echo(f"exported -> {export_hf(a.ckpt_dir, out, overwrite=a.overwrite)}")
+    if Tokenizer.load(out).kind == "char":
+        echo("note: a character-level tokenizer loads with AutoTokenizer (PreTrainedTokenizerFast, from "
+             "tokenizer.json); GPT2TokenizerFast reads every vocabulary as byte-level BPE and would drop "
+             "spaces and newlines")

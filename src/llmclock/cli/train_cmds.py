@@ -230,7 +230,7 @@ def cmd_train(a) -> None:
     from ..config import resolve_device
     from ..data import TokenData
     from ..distributed import restarted
-    from ..memory import check_fits, train_step_bytes
+    from ..memory import check_fits, train_bytes
     from ..tokenizer import Tokenizer
     from ..train import train
 
@@ -271,9 +271,9 @@ def cmd_train(a) -> None:
     if cfg.block_size > mcfg.block_size:
         raise LLMClockError(f"--block-size {cfg.block_size} is larger than the model's context ({mcfg.block_size})")
     device = resolve_device(cfg.device)
-    check_fits(train_step_bytes(mcfg, cfg.batch_size, cfg.block_size), f"a training step of --batch-size "
-               f"{cfg.batch_size} x --block-size {cfg.block_size} on this model", "lower --batch-size (and raise "
-               "--grad-accum to keep the tokens per step) or --block-size", device)
+    check_fits(train_bytes(mcfg, cfg), f"training with --batch-size {cfg.batch_size} x --block-size "
+               f"{cfg.block_size} (and --eval-batches {cfg.eval_batches}) on this model", "lower --batch-size "
+               "(raise --grad-accum to keep the tokens per step), --block-size or --eval-batches", device)
     if a.nproc:
         _launch(a)
         return

@@ -18,28 +18,43 @@ import torch
 from ..errors import LLMClockError
 from .detok import Detokenizer, StopMatcher
 from .runner import ModelRunner, Probe
-from .sampler import SamplingParams, apply_penalties, draw, filter_logits
+from .sampler import SamplingParams, TokenCounts, apply_bias_and_penalties, draw, filter_logits
 from .scheduler import Scheduler
 from .sequence import Completion, Event, Sequence
+
+
+DEFAULT_BATCHED_TOKENS = 128
+"""Tokens per cycle (ticks + prompt chunks) unless the engine is given another budget. It trades a
+new prompt's time to first token (a prompt over the budget takes several cycles) against how long
+a cycle with a prompt in it keeps the running sequences waiting (bench/batching.py measures both)."""
 
 
 class Engine:
     """Slots of a preallocated cache, each running one sequence that starts and stops on its own.
 
     With tokenizer=None the engine works on token ids alone (events carry no text).
+    `max_batched_tokens` bounds a cycle's work, as in vLLM: one token per ticking sequence plus
+    prompt tokens, so a long prompt is prefilled in chunks while the others keep ticking.
     """
 
-    def __init__(self, model, tokenizer, *, slots: int = 1, max_len: int | None = None, compile: bool = False):
+    def __init__(self, model, tokenizer, *, slots: int = 1, max_len: int | None = None, compile: bool = False,
+                 max_batched_tokens: int | None = None):
         if slots < 1:
             raise LLMClockError(f"engine: slots must be >= 1, got {slots}")
+        max_batched_tokens = max_batched_tokens or max(DEFAULT_BATCHED_TOKENS, slots + 1)
+        if max_batched_tokens <= slots:
+            raise LLMClockError(f"engine: max_batched_tokens ({max_batched_tokens}) must exceed slots ({slots}), "
+                                "so that prompts progress while every other slot ticks")
         cfg = model.config
         self.model, self.tokenizer = model.eval(), tokenizer
         self.max_len = min(max_len or cfg.block_size, cfg.block_size)
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
         self.runner = ModelRunner(model, slots=slots, max_len=self.max_len, compile=compile)
-        self.scheduler = Scheduler(slots)
+        self.scheduler = Scheduler(slots, max_batched_tokens)
+        self.counts = TokenCounts(slots, cfg.vocab_size, self.device)
         self.cache, self.compiled = self.runner.cache, compile
+        self.max_batched_tokens = max_batched_tokens
         self.cycle = 0
         self.probe: Probe | None = None
         self._ids = itertools.count()
@@ -80,10 +95,6 @@ class Engine:
             seq.seed = params.seed if params.seed is not None else int(torch.randint(2**62, (1,)).item())
             seq.generator = torch.Generator(device=self.device).manual_seed(seq.seed)
         seq.detok, seq.stopper = Detokenizer(self.tokenizer), StopMatcher(params.stop)
-        if params.needs_counts:
-            V = self.model.config.vocab_size
-            seq.seen = torch.bincount(torch.tensor(ids), minlength=V).to(self.device)
-            seq.generated = torch.zeros(V, dtype=torch.long, device=self.device)
         self.scheduler.add(seq)
         return seq
 
@@ -99,16 +110,28 @@ class Engine:
 
     @torch.inference_mode()
     def step(self) -> list[Event]:
-        """One clock cycle: prefill newly admitted sequences, or tick every running one."""
+        """One clock cycle: schedule, run (prefill prompt chunks, tick the running sequences), postprocess.
+
+        Events come in the order the sequences ran: those whose prompt finished prefilling this
+        cycle, then the ticked ones in slot order. A cycle that only advances a long prompt's
+        prefill emits no event."""
         if not self.has_work():
             return []
         self.cycle += 1
         probe = self.probe
         plan = self.scheduler.schedule()
+        for c in plan.prefill:
+            if c.start == 0 and c.seq.params.needs_counts:
+                self.counts.admit(c.seq.slot, c.seq.prompt_ids)
         if probe is not None:
-            probe.begin(plan.kind, [s.slot for s in plan.seqs])
-        run = self.runner.prefill if plan.kind == "prefill" else self.runner.tick
-        return self._postprocess(plan.seqs, run(plan.seqs, probe))
+            probe.begin(plan.kind, plan.slots)
+        logits = []
+        if plan.prefill:
+            logits.append(self.runner.prefill(plan.prefill, probe))
+        if plan.decode:
+            logits.append(self.runner.tick(plan.decode, probe))
+        seqs = [c.seq for c in plan.prefill if c.last] + plan.decode
+        return self._postprocess(seqs, torch.cat(logits) if len(logits) > 1 else logits[0])
 
     def _postprocess(self, seqs: list[Sequence], logits: torch.Tensor) -> list[Event]:
         """Sample one token per sequence, release text, detect stops, free finished slots."""
@@ -116,18 +139,14 @@ class Engine:
         logits = logits.float()
         raw_lp = torch.log_softmax(logits, dim=-1)  # (n, V): the model's own distribution
         params = [s.params for s in seqs]
-        if any(p.logit_bias or p.needs_counts for p in params):
-            logits = logits.clone()
-            for i, s in enumerate(seqs):
-                for t, b in s.params.logit_bias.items():
-                    logits[i, t] += b
-                if s.params.needs_counts:
-                    apply_penalties(logits[i], s.params, s.seen, s.generated)
+        slots = [s.slot for s in seqs]
+        logits = apply_bias_and_penalties(logits, params, slots, self.counts)
         if all(p.greedy for p in params):
             chosen = logits.argmax(-1)
         else:
             chosen = draw(filter_logits(logits, params), params, [s.generator for s in seqs])
-        n_top = max(p.logprobs for p in params)
+        self.counts.add(slots, chosen)
+        n_top = max((p.logprobs for p in params), default=0)
         top_v = top_i = None
         if n_top:
             top_v, top_i = torch.topk(raw_lp, n_top, dim=-1)
@@ -141,9 +160,6 @@ class Engine:
         for i, (s, tok) in enumerate(zip(seqs, chosen)):
             p = s.params
             s.output_ids.append(tok)
-            if s.generated is not None:
-                s.generated[tok] += 1
-                s.seen[tok] += 1
             ev = Event(s.request_id, self.cycle, s.slot, s.position, tok, "", chosen_lp[i])
             if n_top and p.logprobs:
                 ev.top = list(zip(top_i[i][: p.logprobs], top_v[i][: p.logprobs]))

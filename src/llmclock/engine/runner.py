@@ -8,6 +8,7 @@ owns the cache and the decode plan and turns the scheduler's sequences into thei
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Callable
 
@@ -15,7 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from .kernels import make_attend, make_linear
-from .kv_cache import KVCache
+from .kv_cache import KVCache, chunk_mask
+from .scheduler import Chunk
 from .sequence import Event, Sequence
 
 
@@ -70,18 +72,21 @@ class DecodePlan:
         self.head = lin[model.lm_head]
 
 
-def tick(plan: DecodePlan, cache: KVCache, tokens, pos, L: int, mask, probe: Probe | None = None, attend=None):
-    """One decode cycle for slots 0..n-1: tokens (n,), positions (n,) -> next-token logits (n, V).
+def tick(plan: DecodePlan, cache: KVCache, tokens, pos, slots, L: int, mask, probe: Probe | None = None, attend=None):
+    """One decode cycle, one row per ticking sequence: tokens (n,), positions (n,) -> next-token logits (n, V).
 
-    Writes each slot's key/value at its own position, then attends over its history: with the
-    compiled `attend` (kernels.make_attend) each row over exactly its own positions; otherwise
-    by index writes and SDPA over the first L positions (mask: (n, 1, 1, L), or None when every
-    row may see all L).
+    Writes each row's key/value at its own position in its slot, then attends over its history:
+    with `attend` (qkv, kc, vc, pos) -> y, which knows the rows' slots (ModelRunner binds them),
+    each row over exactly its own positions; otherwise by index writes and SDPA over the first L
+    positions (mask: (n, 1, 1, L), or None when every row may see all L). `slots`, the rows' cache
+    slots, is a slice when they are consecutive (the cache is read through a view), else an (n,)
+    index tensor (read by a gather).
     """
     n, nh, shape = tokens.size(0), plan.n_head, plan.shape
     C = shape[0]
     x = F.embedding(tokens, plan.wte) + F.embedding(pos, plan.wpe)  # (n, C)
-    rows = torch.arange(n, device=x.device) if attend is None else None  # slot index of each row, for cache writes
+    by_view = isinstance(slots, slice)
+    index = torch.arange(n, device=x.device) if by_view and attend is None else slots  # rows' slots for writes
     if probe is not None:
         probe.mark("embed")
     for i, layer in enumerate(plan.layers):
@@ -91,9 +96,12 @@ def tick(plan: DecodePlan, cache: KVCache, tokens, pos, L: int, mask, probe: Pro
             y = attend(qkv, kc, vc, pos)  # (n, C)
         else:
             q, k, v = qkv.view(n, 3, nh, C // nh).unbind(1)  # 3 x (n, nh, hs)
-            kc[rows, :, pos] = k
-            vc[rows, :, pos] = v
-            y = F.scaled_dot_product_attention(q.unsqueeze(2), kc[:n, :, :L], vc[:n, :, :L], attn_mask=mask)  # (n, nh, 1, hs)
+            if by_view:
+                kc, vc = kc[slots], vc[slots]  # (n, nh, max_len, hs) views
+            kc[index, :, pos] = k
+            vc[index, :, pos] = v
+            kc, vc = (kc[:, :, :L], vc[:, :, :L]) if by_view else (kc[slots, :, :L], vc[slots, :, :L])  # (n, nh, L, hs)
+            y = F.scaled_dot_product_attention(q.unsqueeze(2), kc, vc, attn_mask=mask)  # (n, nh, 1, hs)
         layer.attn_proj(y.view(n, C), out=x, accumulate=True)  # x += c_proj(y), fused
         layer.mlp_proj(layer.c_fc(F.layer_norm(x, shape, *layer.ln_2), gelu=True), out=x, accumulate=True)  # x += mlp(ln_2(x))
         if probe is not None:
@@ -105,27 +113,33 @@ def tick(plan: DecodePlan, cache: KVCache, tokens, pos, L: int, mask, probe: Pro
     return logits
 
 
-def prefill(model, cache: KVCache, slot: int, ids: torch.Tensor, probe: Probe | None = None):
-    """Run a prompt (1, T) through the model in one forward, filling `slot`; -> last logits (1, V)."""
-    T = ids.size(1)
-    views = cache.prefill_views(slot, 0, T)
-    mask = torch.ones(T, T, dtype=torch.bool, device=ids.device).tril()  # (T, T) causal
-    x = model.embed(ids, torch.arange(T, device=ids.device))
+def prefill(model, cache: KVCache, chunks: list[tuple[int, int, int]], ids: torch.Tensor, last: torch.Tensor,
+            probe: Probe | None = None):
+    """One forward over prompt chunks packed into one row: chunk (slot, start, end) feeds positions
+    start..end of its slot; ids (N,) are the chunks' tokens in order. Writes their keys and values
+    and returns the logits of the rows `last` (m,) (the final token of each prompt that ends here): (m, V).
+
+    Each chunk attends to its own slot's history only (kv_cache.chunk_mask), so packing prompts
+    together gives each the logits it would get alone."""
+    pos = torch.cat([torch.arange(start, end, device=ids.device) for _, start, end in chunks])  # (N,)
+    views = cache.chunk_views(chunks)
+    mask = chunk_mask(chunks, ids.device)  # (N, S)
+    x = model.embed(ids[None], pos)  # (1, N, C)
     if probe is not None:
         probe.mark("embed")
     for i, block in enumerate(model.transformer.h):
         x = block(x, views[i], mask)
         if probe is not None:
-            probe.residual(i, x[:, -1])
+            probe.residual(i, x[0, last])
             probe.mark(f"block{i}")
-    logits = model.head(x[:, -1])  # (1, V)
+    logits = model.head(x[0, last])  # (m, V)
     if probe is not None:
         probe.mark("head")
     return logits
 
 
 class ModelRunner:
-    """The cache and the decode plan of one engine; runs the forwards the scheduler asks for."""
+    """The cache and the decode plan of one engine; runs the forwards a cycle's Schedule asks for."""
 
     def __init__(self, model, *, slots: int, max_len: int, compile: bool = False):
         cfg = model.config
@@ -137,38 +151,95 @@ class ModelRunner:
         self.compiled = compile
         self._tick = torch.compile(tick, dynamic=False) if compile else tick
 
-    def prefill(self, seqs: list[Sequence], probe: Probe | None) -> torch.Tensor:
-        """Fill each sequence's slot with its prompt; -> the next-token logits (len(seqs), V)."""
-        logits = torch.cat([
-            prefill(self.model, self.cache, s.slot, torch.tensor([s.prompt_ids], device=self.device), probe)
-            for s in seqs
-        ])
-        for s in seqs:
-            self.cache.lengths[s.slot] = len(s.prompt_ids)
+    def prefill(self, chunks: list[Chunk], probe: Probe | None) -> torch.Tensor:
+        """Prefill the chunks in one forward; -> logits (m, V) for those that end their prompt, in order."""
+        ids = torch.tensor([t for c in chunks for t in c.seq.prompt_ids[c.start : c.end]], device=self.device)
+        ends = list(itertools.accumulate(c.end - c.start for c in chunks))
+        last = torch.tensor([e - 1 for c, e in zip(chunks, ends) if c.last], device=self.device, dtype=torch.long)
+        logits = prefill(self.model, self.cache, [(c.seq.slot, c.start, c.end) for c in chunks], ids, last, probe)
+        for c in chunks:
+            c.seq.prefilled = self.cache.lengths[c.seq.slot] = c.end
         return logits
 
     def tick(self, seqs: list[Sequence], probe: Probe | None) -> torch.Tensor:
-        """Feed each running sequence its last token (seqs in slot order); -> logits (len(seqs), V)."""
-        n = seqs[-1].slot + 1
-        tokens = [0] * n
-        pos = [0] * n
-        for s in seqs:
-            tokens[s.slot], pos[s.slot] = s.output_ids[-1], s.position
+        """Feed each sequence (slot order) its last token; -> logits (len(seqs), V).
+
+        Only these rows are computed. The compiled tick keeps one fixed shape instead: a row per
+        slot in slot order, idle slots fed position max_len - 1 (a position every sequence writes
+        before it reads it), and only the running rows' outputs kept."""
+        dev = self.device
+        tokens = [s.output_ids[-1] for s in seqs]
+        pos = [s.position for s in seqs]
+        slots = [s.slot for s in seqs]
         if self.compiled:
-            L, n_rows = self.max_len, self.cache.slots  # fixed shapes: one compiled graph
-            tokens += [0] * (n_rows - n)
-            pos += [0] * (n_rows - n)
+            n_rows, L = self.cache.slots, self.max_len
+            full_t, full_p = [0] * n_rows, [L - 1] * n_rows
+            for t, p, s in zip(tokens, pos, slots):
+                full_t[s], full_p[s] = t, p
+            tokens, pos, rows, slots_t = full_t, full_p, slots, torch.arange(n_rows, device=dev)
+            probe = probe and _Rows(probe, rows)
         else:
-            L, n_rows = max(pos) + 1, n
-        pos_t = torch.tensor(pos, device=self.device)
+            n_rows, L, rows = len(seqs), max(pos) + 1, None
+            slots_t = _slot_index(slots, dev)
+        pos_t = torch.tensor(pos, device=dev)
         mask = None
-        if self.attend is None and (n_rows > 1 or self.compiled):
-            mask = (torch.arange(L, device=self.device)[None, :] <= pos_t[:, None]).view(n_rows, 1, 1, L)
-        logits = self._tick(self.plan, self.cache, torch.tensor(tokens, device=self.device), pos_t, L, mask, probe,
-                            self.attend)
+        attend = self.attend and _attend_rows(self.attend, slots)
+        if attend is None and (n_rows > 1 or self.compiled):
+            mask = (torch.arange(L, device=dev)[None, :] <= pos_t[:, None]).view(n_rows, 1, 1, L)
+        logits = self._tick(self.plan, self.cache, torch.tensor(tokens, device=dev), pos_t, slots_t, L, mask,
+                            probe, attend)
         for s in seqs:
             self.cache.lengths[s.slot] = s.position + 1
-        return logits[[s.slot for s in seqs]] if n_rows != len(seqs) else logits
+        return logits if rows is None else logits[rows]
+
+    def memory(self) -> dict[str, int]:
+        """Bytes decoding holds: the model's weights, the packed copies of its linears, the KV cache."""
+        packed = sum(f.packed.nbytes for f in {id(f): f for layer in self.plan.layers for f in
+                     (layer.c_attn, layer.attn_proj, layer.c_fc, layer.mlp_proj)}.values() if f.packed is not None)
+        if self.plan.head.packed is not None:
+            packed += self.plan.head.packed.nbytes
+        weights = sum(p.nbytes for p in self.model.parameters())  # the tied head counted once
+        return {"weights": weights, "packed copies": packed, "kv cache": self.cache.nbytes}
 
     def release(self, slot: int) -> None:
         self.cache.lengths[slot] = 0
+
+
+def _runs(slots: list[int]) -> list[tuple[int, int, int]]:
+    """Ascending slots -> maximal runs of consecutive slots: (first row, end row, first slot)."""
+    runs = []
+    for r, s in enumerate(slots):
+        if runs and s == runs[-1][2] + r - runs[-1][0]:
+            runs[-1] = (runs[-1][0], r + 1, runs[-1][2])
+        else:
+            runs.append((r, r + 1, s))
+    return runs
+
+
+def _slot_index(slots: list[int], device):
+    """Index of the rows' slots into the cache's first dimension: a slice (a view) when consecutive."""
+    runs = _runs(slots)
+    if len(runs) == 1:
+        return slice(runs[0][2], runs[0][2] + len(slots))
+    return torch.tensor(slots, device=device)
+
+
+def _attend_rows(attend, slots: list[int]):
+    """The compiled attention for rows in (ascending) `slots`: the kernel takes rows as slots
+    0..n-1 of the caches it is given, so each run of consecutive slots is one call on a view."""
+    runs = _runs(slots)
+    if len(runs) == 1:
+        s0 = runs[0][2]
+        return attend if s0 == 0 else lambda qkv, kc, vc, pos: attend(qkv, kc[s0:], vc[s0:], pos)
+    return lambda qkv, kc, vc, pos: torch.cat([attend(qkv[a:b], kc[s:], vc[s:], pos[a:b]) for a, b, s in runs])
+
+
+class _Rows:
+    """A probe seen through a compiled tick's fixed rows: residuals keep only the running rows."""
+
+    def __init__(self, probe: Probe, rows: list[int]):
+        self.probe, self.rows = probe, rows
+        self.mark = probe.mark
+
+    def residual(self, layer: int, x: torch.Tensor) -> None:
+        self.probe.residual(layer, x[self.rows])

@@ -13,18 +13,62 @@ import torch
 
 from ..config import SamplingParams  # the settings live with the other configs (the CLI builds its flags from them)
 
-__all__ = ["SamplingParams", "apply_penalties", "draw", "filter_logits"]
+__all__ = ["SamplingParams", "TokenCounts", "apply_bias_and_penalties", "draw", "filter_logits"]
 
 
-def apply_penalties(row: torch.Tensor, p: SamplingParams, seen: torch.Tensor, generated: torch.Tensor) -> None:
-    """In place on one row of logits (V,). seen / generated: counts in prompt+output / output only."""
-    if p.repetition_penalty != 1.0:
-        mask = seen > 0
-        vals = row[mask]
-        row[mask] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
-    if p.frequency_penalty or p.presence_penalty:
-        g = generated.to(row.dtype)
-        row -= p.frequency_penalty * g + p.presence_penalty * (g > 0).to(row.dtype)
+class TokenCounts:
+    """Per-slot token counts for the penalties: prompt + output (`seen`) and output only (`generated`).
+
+    (slots, V) int32 each, allocated on the first sequence that needs them; a slot's rows are
+    reset when a sequence is admitted into it and bumped for a whole cycle's tokens in one op.
+    """
+
+    def __init__(self, slots: int, vocab_size: int, device):
+        self.shape, self.device = (slots, vocab_size), device
+        self.seen: torch.Tensor | None = None
+        self.generated: torch.Tensor | None = None
+
+    def admit(self, slot: int, prompt_ids: list[int]) -> None:
+        if self.seen is None:
+            self.seen = torch.zeros(self.shape, dtype=torch.int32, device=self.device)
+            self.generated = torch.zeros(self.shape, dtype=torch.int32, device=self.device)
+        self.seen[slot] = torch.bincount(torch.tensor(prompt_ids), minlength=self.shape[1])
+        self.generated[slot] = 0
+
+    def add(self, slots: list[int], tokens: torch.Tensor) -> None:
+        """Count one new token per row: the rows' slots, tokens (n,)."""
+        if self.seen is not None:
+            at, ones = torch.tensor(slots, device=self.device), torch.ones_like(tokens, dtype=torch.int32)
+            self.seen.index_put_((at, tokens), ones, accumulate=True)
+            self.generated.index_put_((at, tokens), ones, accumulate=True)
+
+
+def apply_bias_and_penalties(logits: torch.Tensor, params: list[SamplingParams], slots: list[int],
+                             counts: TokenCounts) -> torch.Tensor:
+    """Logit bias, then repetition / presence / frequency penalties, for all rows at once: (n, V) -> (n, V).
+
+    Rows without these settings pass through unchanged (the input itself when no row has any)."""
+    bias = [(i, t, b) for i, p in enumerate(params) for t, b in p.logit_bias.items()]
+    pen = [i for i, p in enumerate(params) if p.needs_counts]
+    if not bias and not pen:
+        return logits
+    logits = logits.clone()
+    dev = logits.device
+    if bias:
+        rows, ids, vals = zip(*bias)
+        logits.index_put_((torch.tensor(rows, device=dev), torch.tensor(ids, device=dev)),
+                          torch.tensor(vals, device=dev, dtype=logits.dtype), accumulate=True)
+    if pen:
+        idx = torch.tensor(pen, device=dev)
+        at = torch.tensor([slots[i] for i in pen], device=dev)
+        seen, gen = counts.seen[at], counts.generated[at].to(logits.dtype)  # (m, V)
+        col = lambda name: torch.tensor([getattr(params[i], name) for i in pen], device=dev,  # noqa: E731
+                                        dtype=logits.dtype)[:, None]  # (m, 1)
+        x, rep = logits[idx], col("repetition_penalty")
+        x = torch.where(seen > 0, torch.where(x > 0, x / rep, x * rep), x)  # CTRL / HF
+        x = x - (col("frequency_penalty") * gen + col("presence_penalty") * (gen > 0).to(x.dtype))  # OpenAI
+        logits[idx] = x
+    return logits
 
 
 def filter_logits(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
@@ -54,14 +98,15 @@ def draw(logits: torch.Tensor, params: list[SamplingParams], generators: list[to
     """One token per row: argmax for greedy rows, else a draw from softmax(logits) with the row's generator.
 
     Sampling uses the exponential race (argmax of p / E, E ~ Exp(1)), which equals a multinomial
-    draw and needs one random vector per row from that row's own generator.
+    draw and needs one random vector per row from that row's own generator (so a sequence's
+    tokens do not depend on what else runs); the rest is one batched pass.
     """
     out = logits.argmax(-1)
-    for i, p in enumerate(params):
-        if p.greedy:
-            continue
-        probs = logits[i].float().softmax(-1)
-        e = torch.empty_like(probs).exponential_(1.0, generator=generators[i])
-        out[i] = (probs / e).argmax()
+    rows = [i for i, p in enumerate(params) if not p.greedy]
+    if rows:
+        probs = logits[rows].float().softmax(-1)  # (m, V)
+        e = torch.empty_like(probs)
+        for j, i in enumerate(rows):
+            e[j].exponential_(1.0, generator=generators[i])
+        out[rows] = (probs / e).argmax(-1)
     return out
-

@@ -33,8 +33,15 @@ class Sequence:
     generator: torch.Generator | None = None
     detok: Detokenizer | None = None
     stopper: StopMatcher | None = None
-    seen: torch.Tensor | None = None  # (V,) counts in prompt + output, for penalties
-    generated: torch.Tensor | None = None  # (V,) counts in output only
+    prefilled: int = 0
+    """Prompt tokens already in the cache (a long prompt is prefilled over several cycles)."""
+    admitted: int = -1
+    """Admission order (-1 while waiting)."""
+
+    @property
+    def in_cache(self) -> bool:
+        """The whole prompt is prefilled: the sequence ticks."""
+        return self.prefilled == len(self.prompt_ids)
 
     @property
     def position(self) -> int:
