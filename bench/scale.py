@@ -180,7 +180,10 @@ def main() -> None:
         print(f"all-reduce of the gradients ({params:,} floats, gloo, 2 processes): {ms:.2f} ms per step")
         ratio = float("nan")
         if not a.skip_serve:
-            ratio = serve_autoscaled_vs_one(work, a.requests, a.clients)
+            try:
+                ratio = serve_autoscaled_vs_one(work, a.requests, a.clients)
+            except ImportError as e:  # no server package or no Ray (pip install 'llmclock[serve,ray]')
+                print(f"serving: not measured ({e})")
     print(f"RESULT tokens_per_s_1={t1:.1f} tokens_per_s_2={t2:.1f} allreduce_ms={ms:.3f} serve_autoscaled_vs_1={ratio:.3f}")
 
 
