@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+
 import pytest
 import torch
 
@@ -47,13 +50,43 @@ def tiny_model(char_tok):
     return GPT(preset("test", vocab_size=char_tok.vocab_size)).eval()
 
 
+def requires_tool(name: str) -> str:
+    """The path of the program `name`; the test is skipped where it is not installed, except in CI
+    (the CI variable set), where the project's own set-up installs it and its absence fails."""
+    path = shutil.which(name)
+    if path is None:
+        if os.environ.get("CI"):
+            pytest.fail(f"{name} is not installed, and CI must run this test")
+        pytest.skip(f"{name} is not installed")
+    return path
+
+
+def requires_kernels(module) -> None:
+    """Skip a test of the compiled kernels where the package was not built (a source checkout run
+    without installing); with LLMCLOCK_REQUIRE_KERNELS=1 (CI) a missing build is an error instead."""
+    if module.get_lib() is None:
+        pytest.skip("compiled kernels not built (install the package: make setup)")
+
+
 def kernel_or_fallback(request, monkeypatch, module) -> bool:
     """For a `mode` fixture parametrised [False, True]: run a test on `module`'s compiled kernels
-    (skipped without a compiler) or, for True, on the torch fallback a failed build leaves."""
+    (skipped where they are not built) or, for True, on the torch fallback a missing build leaves."""
     if request.param:
-        monkeypatch.setattr(module._kernels, "lib", False)  # what a failed build leaves behind
+        monkeypatch.setattr(module._kernels, "lib", False)  # what a missing build leaves behind
     else:
         monkeypatch.setattr(module._kernels, "lib", None)
-        if module.get_lib() is None:
-            pytest.skip("no C++ compiler")
+        requires_kernels(module)
     return request.param
+
+
+def requires_tool(*names: str) -> None:
+    """Skip when an external program is missing, but fail under CI (env CI set), where it must be installed."""
+    import os
+    import shutil
+
+    missing = [n for n in names if shutil.which(n) is None]
+    if missing:
+        msg = f"needs {', '.join(missing)} on PATH (.ci/run installs it)"
+        if os.environ.get("CI"):
+            pytest.fail(msg)
+        pytest.skip(msg)

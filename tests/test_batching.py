@@ -136,3 +136,16 @@ def test_trace_of_mixed_cycles_and_exact_replay(tiny_model, char_tok, tmp_path):
     assert header["engine"]["max_batched_tokens"] == 6
     r = replay(paths["jsonl"])
     assert r.divergence is None and r.max_logprob_diff == 0.0 and len(r.replayed) == len(tr.records)
+
+
+def test_abort_mid_prefill_frees_the_slot(tiny_model, char_tok):
+    """A sequence aborted while its prompt is part-way in gives its slot to the next, which runs as alone."""
+    eng = Engine(tiny_model, char_tok, slots=1, max_batched_tokens=4)
+    eng.add(PROMPTS[2], _greedy(5), request_id="long")
+    nxt = eng.add(PROMPTS[0], _greedy(6))
+    assert eng.step() == [] and eng.running[0].prefilled == 4
+    eng.abort("long")
+    assert not eng.running and eng.scheduler.free == [0]
+    out = list(eng.generate([], None))
+    assert nxt.output_ids == Engine(tiny_model, char_tok).complete([PROMPTS[0]], _greedy(6))[0].token_ids
+    assert len(out) == 6 and {ev.slot for ev in out} == {0}

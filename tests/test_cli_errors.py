@@ -128,7 +128,7 @@ CASES: list[tuple[str, str]] = [
     ("tokenizer train corpus.txt --vocab-size BIG", "--vocab-size"),
     ("tokenizer train corpus.txt --out emptydir", "is a directory"),
     ("tokenizer train corpus.txt --out nowhere/t.json", "folder nowhere does not exist"),
-    ("tokenizer train corpus.txt --out tok.json", "--overwrite"), ("tokenizer train NONUTF8", "UTF-8"),
+    ("tokenizer train corpus.txt --out tok.json", "--overwrite"), ("tokenizer train NONUTF8", "no such file"),
     # prepare
     ("prepare missing.txt --tokenizer tok.json --out d2", "missing.txt"),
     ("prepare empty.txt --tokenizer tok.json --out d2", "no text"),
@@ -199,7 +199,8 @@ CASES: list[tuple[str, str]] = [
     ("import-hf hf-nan out2", "NaN"), ("import-hf hf corpus.txt", "not a directory"),
     *[(f"export-hf {c} out2", why) for c, why in CKPT_BAD],
     ("export-hf ck hf", "--overwrite"), ("export-hf ck corpus.txt --overwrite", "not a directory"),
-    ("export-hf ck data --overwrite", "holds no config.json"),
+    ("export-hf ck data --overwrite", "holds no config.json"), ("import-hf hf data --overwrite", "holds no config.json"),
+    ("trace --ckpt ck --prompt First --out data --overwrite", "holds no trace.jsonl"),
     # the command line itself
     ("frobnicate", "invalid choice"), ("generate --ckpt ck --prompt x --bogus", "unrecognized"),
 ]

@@ -129,11 +129,12 @@ def test_sigint_at_any_moment_exits_130(tiny):
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
     for delay in (0.3, 0.8, 1.5, 3.0):
         p = subprocess.Popen([sys.executable, "-m", "llmclock", "generate", "--ckpt", str(tiny / "ck"), "--prompt",
-                              "First", "--max-new-tokens", "100000", "--ignore-eos", "--truncate"],
+                              "First", "--ignore-eos", "--num-samples", "10000"],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         try:
             p.wait(delay)
+            pytest.fail(f"finished before the interrupt at {delay} s")
         except subprocess.TimeoutExpired:
             p.send_signal(signal.SIGINT)
         _, err = p.communicate(timeout=60)

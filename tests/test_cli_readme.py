@@ -19,11 +19,12 @@ import pytest
 from llmclock.cli import main
 
 README = Path(__file__).parents[1] / "README.md"
-RUN = ("tokenizer", "prepare", "train", "eval", "generate", "chat", "trace", "replay", "export-hf", "import-hf")
+RUN = ("tokenizer", "prepare", "train", "eval", "generate", "chat", "trace", "replay", "export-hf", "import-hf",
+       "compress")
 SUBSTITUTE = {
     "--steps 2000": "--steps 12", "--steps 4000": "--steps 16", "--vocab-size 8192": "--vocab-size 300",
     "--eval-interval 250": "--eval-interval 6 --eval-batches 2", "--splits val test": "--splits val test --batches 2", "--max-new-tokens 100": "--max-new-tokens 20",
-    "--max-new-tokens 64": "--max-new-tokens 12",
+    "--max-new-tokens 64": "--max-new-tokens 12", "--recover-steps 200": "--recover-steps 2",
 }
 TEXT = ('First Citizen:\nBefore we proceed any further, hear me speak.\n\n'
         'def fib(n):\n    """Return the n-th number."""\n    import os\n    return n\n\nclass You are terse.\nSystem: User: Assistant:\n') * 40
@@ -44,6 +45,7 @@ def commands(code: str) -> list[list[str]]:
     return out
 
 
+@pytest.mark.slow
 def test_readme_workflow(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "input.txt").write_text(TEXT)

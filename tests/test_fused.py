@@ -6,8 +6,8 @@ import torch.nn.functional as F
 
 from llmclock import fused
 from llmclock.config import ModelConfig
-from llmclock.model import GPT
-from conftest import kernel_or_fallback
+from llmclock.model import GPT, Block
+from conftest import kernel_or_fallback, requires_kernels
 
 
 @pytest.fixture(params=[False, True], ids=["kernel", "fallback"])
@@ -51,8 +51,7 @@ def test_causal_attention_matches_sdpa(mode, B, T, nh, hs):
 
 
 def test_causal_attention_is_causal():
-    if fused.get_lib() is None:
-        pytest.skip("no C++ compiler")
+    requires_kernels(fused)
     qkv = torch.randn(1, 20, 3 * 32)
     later = qkv.clone()
     later[:, 12:] = torch.randn(1, 8, 96)  # changing later tokens
@@ -60,8 +59,10 @@ def test_causal_attention_is_causal():
 
 
 @pytest.mark.parametrize("bias", [True, False])
-@pytest.mark.parametrize("C", [16, 128, 40])
-def test_layer_norm_matches_torch(mode, bias, C):
+@pytest.mark.parametrize("C,rows", [(16, 50), (128, 50), (40, 50), (128, 120)])
+def test_layer_norm_matches_torch(mode, bias, C, rows):
+    """rows=120 (3 x 120 x 128 floats) is past the kernel's one-thread limit: 2 threads, and the
+    backward adds their partial weight and bias gradients."""
     torch.manual_seed(C)
     ln = torch.nn.LayerNorm(C, bias=bias)
     with torch.no_grad():
@@ -70,7 +71,7 @@ def test_layer_norm_matches_torch(mode, bias, C):
             ln.bias.normal_()
     f = fused.FusedLayerNorm.of(ln)
     assert f.weight is ln.weight and list(f.state_dict()) == list(ln.state_dict())
-    x, g = torch.randn(3, 50, C) * 3 + 1, torch.randn(3, 50, C)
+    x, g = torch.randn(3, rows, C) * 3 + 1, torch.randn(3, rows, C)
     results = []
     for module in (ln, f):  # the same Parameters: gradients are compared one module at a time
         ln.zero_grad(set_to_none=True)
@@ -84,8 +85,7 @@ def test_layer_norm_matches_torch(mode, bias, C):
 
 @pytest.mark.parametrize("activation,bias", [("gelu_tanh", True), ("gelu", False)])
 def test_fused_model_equals_plain_model(activation, bias):
-    if fused.get_lib() is None:
-        pytest.skip("no C++ compiler")
+    requires_kernels(fused)
     torch.manual_seed(0)
     cfg = ModelConfig(vocab_size=50, block_size=32, n_layer=2, n_head=2, n_embd=32, dropout=0.0,
                       activation=activation, bias=bias)
@@ -93,7 +93,8 @@ def test_fused_model_equals_plain_model(activation, bias):
     fast = copy.deepcopy(plain)
     assert fused.fuse_cpu_ops(fast)
     assert list(fast.state_dict()) == list(plain.state_dict())
-    assert all(block.fused_forward is fused.block_forward for block in fast.transformer.h)
+    assert all(type(block) is fused.FusedBlock for block in fast.transformer.h)
+    assert all(type(block) is Block for block in plain.transformer.h)  # the original model is left alone
     x = torch.randint(0, 50, (3, 32))
     _, loss = plain(x, x)
     _, loss_f = fast(x, x)
@@ -110,12 +111,10 @@ def test_fuse_refuses_what_it_cannot_run(monkeypatch):
     monkeypatch.setattr(fused._kernels, "lib", False)
     model = GPT(cfg)
     assert not fused.fuse_cpu_ops(model)
-    assert model.transformer.h[0].attn.fused_attention is None
+    assert type(model.transformer.h[0]) is Block and type(model.transformer.ln_f) is torch.nn.LayerNorm
 
 
 def _block(C, n_head, bias, activation, dropout=0.0):
-    from llmclock.model import Block
-
     torch.manual_seed(C + n_head)
     cfg = ModelConfig(vocab_size=50, block_size=80, n_layer=2, n_head=n_head, n_embd=C, dropout=dropout,
                       activation=activation, bias=bias)
@@ -138,7 +137,7 @@ def test_block_kernel_equals_block(activation, bias, B, T, C, n_head):
         xi = x.clone().requires_grad_()
         y = fused.block_forward(block, xi) if fast else block(xi)
         if fast and fused.get_lib() is None:
-            pytest.skip("no C++ compiler")
+            pytest.skip("compiled kernels not built")
         assert y is not None, "the block kernel declined a shape it takes"
         y.backward(g)
         results.append([y.detach(), xi.grad] + [p.grad for p in block.parameters()])
@@ -148,8 +147,7 @@ def test_block_kernel_equals_block(activation, bias, B, T, C, n_head):
 
 
 def test_block_kernel_declines_what_it_cannot_run(monkeypatch):
-    if fused.get_lib() is None:
-        pytest.skip("no C++ compiler")
+    requires_kernels(fused)
     x = torch.randn(2, 8, 32)
     assert fused.block_forward(_block(32, 2, True, "gelu"), x) is not None
     assert fused.block_forward(_block(40, 2, True, "gelu"), torch.randn(2, 8, 40)) is None  # width % 16
@@ -159,4 +157,63 @@ def test_block_kernel_declines_what_it_cannot_run(monkeypatch):
     assert fused.block_forward(dropped.eval(), x) is not None  # no dropout in eval
     assert fused.block_forward(_block(32, 2, True, "gelu").to(torch.bfloat16), x.bfloat16()) is None
     monkeypatch.setattr(fused._kernels, "lib", False)
-    assert fused.block_forward(_block(32, 2, True, "gelu"), x) is None  # no compiler
+    assert fused.block_forward(_block(32, 2, True, "gelu"), x) is None  # no built library
+
+
+class _LoRA(torch.nn.Linear):
+    """Stands in for an adapter that wraps a Linear (peft's LoRA): y = x W^T + b + x A^T B^T."""
+
+    def __init__(self, base: torch.nn.Linear, r: int = 2):
+        super().__init__(base.in_features, base.out_features, bias=base.bias is not None)
+        self.load_state_dict(base.state_dict())
+        self.A = torch.nn.Parameter(torch.randn(r, base.in_features) * 0.3)
+        self.B = torch.nn.Parameter(torch.randn(base.out_features, r) * 0.3)
+
+    def forward(self, x):
+        return super().forward(x) + x @ self.A.t() @ self.B.t()
+
+
+def _adapted(block):
+    """Three ways to change a block that a kernel reading its weights would miss."""
+    lora = copy.deepcopy(block)
+    lora.attn.c_attn = _LoRA(lora.attn.c_attn)
+    hooked = copy.deepcopy(block)
+    hooked.mlp.register_forward_hook(lambda m, inp, out: out * 1.5)
+    extra = copy.deepcopy(block)
+    extra.mlp = torch.nn.Sequential(extra.mlp, torch.nn.Linear(32, 32))  # a bottleneck adapter after the MLP
+    return {"lora": lora, "hook": hooked, "extra": extra}
+
+
+@pytest.mark.parametrize("kind", ["lora", "hook", "extra"])
+def test_fused_block_runs_adapted_blocks_op_by_op(kind):
+    """FusedBlock takes the whole-block kernel only for a block of its own plain parts; with an
+    adapter it runs op by op, adapter included, forward and backward, equal to the unfused block."""
+    requires_kernels(fused)
+    block = _block(32, 2, True, "gelu_tanh").eval()
+    plain_fused = fused.FusedBlock.of(block)
+    assert fused.is_plain(block) and fused.is_plain(plain_fused)
+    adapted = _adapted(block)[kind]
+    fast = fused.FusedBlock.of(adapted)
+    assert not fused.is_plain(fast)
+    x = torch.randn(2, 9, 32, generator=torch.Generator().manual_seed(3))
+    y_ref, (g_ref,) = _grads(adapted, x)
+    y, (g,) = _grads(fast, x)
+    torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(g, g_ref, atol=1e-5, rtol=1e-4)
+    assert (y - plain_fused(x)).abs().max() > 1e-3  # the adapter is in the output
+
+
+def test_fuse_cpu_ops_swaps_modules_and_keeps_parameters():
+    requires_kernels(fused)
+    cfg = ModelConfig(vocab_size=50, block_size=16, n_layer=2, n_head=2, n_embd=32)
+    model = GPT(cfg)
+    model.transformer.h[1] = _adapted(model.transformer.h[1])["extra"]
+    before = dict(model.named_parameters())
+
+    assert fused.fuse_cpu_ops(model)
+    b0 = model.transformer.h[0]
+    assert type(b0) is fused.FusedBlock and type(b0.attn) is fused.FusedCausalSelfAttention
+    assert type(b0.mlp) is fused.FusedMLP and type(b0.ln_1) is fused.FusedLayerNorm
+    assert type(model.transformer.h[1]) is fused.FusedBlock and type(model.transformer.h[1].mlp) is torch.nn.Sequential
+    after = dict(model.named_parameters())
+    assert list(after) == list(before) and all(after[n] is p for n, p in before.items())

@@ -1,80 +1,106 @@
-"""Build a small C++ source into a shared library once, cached per CPU, and load it with ctypes.
+"""Load llmclock's compiled kernel library, the build that suits this CPU, with ctypes.
 
-The kernels in llmclock are plain C++ with GCC vector types and OpenMP (sharing torch's libgomp, so
-torch.set_num_threads applies). g++ builds one in about a second, against ~50 s for a torch
-extension that includes torch/extension.h. The library lands in torch's extensions cache under a
-name keyed by the source, the flags and this CPU's model and flags (-march=native output only runs
-on this CPU model). Without a compiler, or when the build fails, callers get None and use torch ops.
+The kernels are C++ sources in `llmclock/csrc/`, built when the package is installed (setup.py;
+`make setup`, `pip install .`, a wheel) into one plain shared library per x86-64 ISA level:
+`_kernels_avx512.so`, `_kernels_avx2.so`, `_kernels_base.so` (one `_kernels_base.so` elsewhere).
+At first use the baseline build says which level this CPU and its OS support
+(`llmclock_isa_level`) and the best build present is loaded; LLMCLOCK_ISA=avx2|base caps the level.
+The library uses OpenMP with an explicit thread count per call (torch.get_num_threads()).
+
+Where no build loads (a source checkout run without installing, a platform without a compiler at
+install time) one warning says why and callers use torch ops. LLMCLOCK_REQUIRE_KERNELS=1 turns that
+into an error (CI sets it); LLMCLOCK_NO_CKERNELS=1 turns the kernels off without a warning.
 """
 
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import os
-import shutil
-import subprocess
-import tempfile
+import warnings
+from pathlib import Path
 
-FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
+from .errors import LLMClockError
 
-
-def _cpu_id() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return "".join(sorted({ln for ln in f if ln.startswith(("model name", "flags"))}))
-    except OSError:
-        return os.uname().machine
+LEVELS = ("base", "avx2", "avx512")
+"""Builds by ISA level, in the order of llmclock_isa_level()'s answers 0, 2, 3."""
+_LEVEL_OF_ANSWER = {0: "base", 2: "avx2", 3: "avx512"}
+DIR = Path(__file__).resolve().parent
 
 
-def build(name: str, src: str) -> ctypes.CDLL | None:
-    """Compile `src` (C++ with extern "C" entry points) into `<cache>/<name>/<name>_<key>.so` unless
-    it is there already, and load it; None when LLMCLOCK_NO_CKERNELS is set, there is no compiler,
-    or the build fails."""
+def library_path(level: str, directory: Path | None = None) -> Path:
+    return (directory or DIR) / f"_kernels_{level}.so"
+
+
+def best_level(directory: Path | None = None) -> str:
+    """The highest built level this CPU runs (capped by LLMCLOCK_ISA); raises OSError where even
+    the baseline build cannot be loaded."""
+    base = ctypes.CDLL(str(library_path("base", directory)))
+    base.llmclock_isa_level.restype = ctypes.c_int
+    level = _LEVEL_OF_ANSWER.get(base.llmclock_isa_level(), "base")
+    cap = os.environ.get("LLMCLOCK_ISA")
+    if cap in LEVELS and LEVELS.index(cap) < LEVELS.index(level):
+        level = cap
+    while level != "base" and not library_path(level, directory).exists():
+        level = LEVELS[LEVELS.index(level) - 1]
+    return level
+
+
+def load(directory: Path | None = None) -> tuple[ctypes.CDLL | None, str]:
+    """(the library, its level) or (None, why not)."""
+    directory = directory or DIR
     if os.environ.get("LLMCLOCK_NO_CKERNELS"):
-        return None
-    cxx = os.environ.get("CXX", "g++")
-    if shutil.which(cxx) is None:
-        return None
-    tag = hashlib.sha1((src + " ".join(FLAGS) + cxx + _cpu_id()).encode()).hexdigest()[:16]
-    from torch.utils.cpp_extension import get_default_build_root
-
-    d = os.path.join(os.environ.get("TORCH_EXTENSIONS_DIR", get_default_build_root()), name)
-    so = os.path.join(d, f"{name}_{tag}.so")
+        return None, "LLMCLOCK_NO_CKERNELS is set"
+    if not library_path("base", directory).exists():
+        return None, (f"no compiled kernels in {directory} (build them by installing the package: "
+                      "`make setup` or `pip install .`)")
     try:
-        if not os.path.exists(so):
-            os.makedirs(d, exist_ok=True)
-            with tempfile.TemporaryDirectory(dir=d) as tmp:
-                path = os.path.join(tmp, "k.cpp")
-                with open(path, "w") as f:
-                    f.write(src)
-                out = os.path.join(tmp, "k.so")
-                subprocess.run([cxx, path, *FLAGS, "-o", out], check=True, capture_output=True, timeout=120)
-                os.replace(out, so)  # atomic: concurrent builders are safe
-        return ctypes.CDLL(so)
-    except (OSError, subprocess.SubprocessError):
-        return None
+        level = best_level(directory)
+        return ctypes.CDLL(str(library_path(level, directory))), level
+    except OSError as e:
+        return None, f"the compiled kernels in {directory} do not load: {e}"
+
+
+_loaded: tuple[ctypes.CDLL | None, str] | None = None
+
+
+def shared() -> ctypes.CDLL | None:
+    """The process's kernel library, loaded once; None (after one warning) where it cannot be, or
+    an LLMClockError when LLMCLOCK_REQUIRE_KERNELS=1."""
+    global _loaded
+    if _loaded is None:
+        _loaded = load()
+        lib, why = _loaded
+        if lib is None and not os.environ.get("LLMCLOCK_NO_CKERNELS"):
+            if os.environ.get("LLMCLOCK_REQUIRE_KERNELS") == "1":
+                raise LLMClockError(f"compiled kernels required (LLMCLOCK_REQUIRE_KERNELS=1) but {why}")
+            warnings.warn(f"llmclock: {why}; using torch ops instead", RuntimeWarning, stacklevel=3)
+    return _loaded[0]
+
+
+def level() -> str | None:
+    """The ISA level of the loaded library ('avx512', 'avx2', 'base'), None when none is loaded."""
+    lib = shared()
+    return _loaded[1] if lib is not None else None
 
 
 class Library:
-    """A kernel source built and loaded on first use, with its entry points' ctypes signatures.
+    """The kernel library seen through one module's entry points and their ctypes signatures.
 
     `signatures` maps each extern "C" function to its argument types (ctypes), `restypes` those
     that return something to the return type (the rest return void), and `on_load(lib)`, if given,
     runs once after loading (to hand the library what it needs from elsewhere). `get()` returns the
-    loaded CDLL, or None where it cannot be built; the outcome is kept in `lib` (None: not tried
-    yet, False: failed), so a failed build is not retried.
+    loaded CDLL, or None where there is none; the outcome is kept in `lib` (None: not tried yet,
+    False: none), so tests can force either path.
     """
 
-    def __init__(self, name: str, src: str, signatures: dict[str, list], restypes: dict | None = None,
-                 on_load=None):
-        self.name, self.src, self.signatures, self.restypes = name, src, signatures, restypes or {}
-        self.on_load = on_load
+    def __init__(self, signatures: dict[str, list], restypes: dict | None = None, on_load=None, loader=None):
+        self.signatures, self.restypes, self.on_load = signatures, restypes or {}, on_load
+        self.loader = loader or shared
         self.lib: ctypes.CDLL | bool | None = None
 
     def get(self) -> ctypes.CDLL | None:
         if self.lib is None:
-            lib = build(self.name, self.src)
+            lib = self.loader()
             if lib is not None:
                 for fn, argtypes in self.signatures.items():
                     getattr(lib, fn).argtypes = argtypes

@@ -131,18 +131,19 @@ def write_checkpoint(
     *,
     optimizer: torch.optim.Optimizer | None = None,
     train_state: dict | None = None,
-    weights: dict[str, torch.Tensor] | None = None,
     optimizer_tensors: dict[str, torch.Tensor] | None = None,
     overwrite: bool = False,
+    state: dict[str, torch.Tensor] | None = None,
+    config_extra: dict | None = None,
 ) -> None:
     """Write a complete checkpoint to a new directory `dest` (temp dir + rename; `overwrite`
-    replaces an earlier checkpoint there). `weights` / `optimizer_tensors`, when given, are stored
-    instead of reading `model` / `optimizer` (an FSDP run's full state, gathered to rank 0)."""
+    replaces an earlier checkpoint there). `state` replaces model_state(model) as the tensors
+    stored (llmclock.compress's layers; an FSDP run's full weights, gathered to rank 0),
+    `optimizer_tensors` the optimizer's moments, and `config_extra` adds keys to config.json."""
     from safetensors.torch import save_file
 
     with atomic_dir(dest, overwrite=overwrite) as tmp:
-        weights = model_state(model) if weights is None else {k: v for k, v in weights.items() if k not in TIED}
-        save_file(weights, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        save_file(model_state(model) if state is None else state, str(tmp / WEIGHTS), metadata={"format": "pt"})
         if tokenizer is not None:
             tokenizer.save(tmp / TOKENIZER)
         if optimizer_tensors is None and optimizer is not None:
@@ -152,7 +153,8 @@ def write_checkpoint(
         if train_state is not None:
             write_json(tmp / STATE, train_state)
         hashes = {f.name: file_sha256(f) for f in sorted(tmp.iterdir())}
-        write_json(tmp / CONFIG, model.config.to_dict() | {"format": FORMAT, "architecture": "gpt2", HASHES: hashes})
+        write_json(tmp / CONFIG, model.config.to_dict() | {"format": FORMAT, "architecture": "gpt2", HASHES: hashes}
+                   | (config_extra or {}))
 
 
 @contextlib.contextmanager
@@ -211,7 +213,7 @@ def replace_dir(dest: Path, marker: str = "trace.jsonl"):
 
 
 def save_checkpoint(
-    link: Path, model, tokenizer, *, step: int, optimizer=None, train_state=None, weights=None, optimizer_tensors=None
+    link: Path, model, tokenizer, *, step: int, optimizer=None, train_state=None, state=None, optimizer_tensors=None
 ) -> Path:
     """Save a training checkpoint behind the symlink `link` and atomically repoint it.
 
@@ -227,7 +229,7 @@ def save_checkpoint(
             os.unlink(link)
         shutil.rmtree(target)
     write_checkpoint(
-        target, model, tokenizer, optimizer=optimizer, train_state=train_state, weights=weights,
+        target, model, tokenizer, optimizer=optimizer, train_state=train_state, state=state,
         optimizer_tensors=optimizer_tensors,
     )
     tmp_link = link.parent / f".{link.name}.link-{os.getpid()}"
@@ -249,6 +251,7 @@ def read_config(ckpt: Path) -> ModelConfig:
     path = ckpt / CONFIG
     d = read_json(path, missing="missing (not an llmclock checkpoint?)")
     d.pop(HASHES, None)
+    d.pop("compression", None)  # read by llmclock.compress (quantized / pruned checkpoints)
     if d.pop("format", None) != FORMAT or d.pop("architecture", None) != "gpt2":
         raise LLMClockError(
             f"{path}: not an llmclock GPT-2 checkpoint config (Hugging Face checkpoints: use `llmclock import-hf`)"
@@ -270,9 +273,13 @@ def read_tensors(path: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def load_weights(model: torch.nn.Module, tensors: dict[str, torch.Tensor], source: Path) -> None:
-    """Copy tensors into the model, naming every missing, unexpected or misshapen tensor."""
-    expected = {k: v for k, v in model.state_dict().items() if k not in TIED}
+def load_weights(model: torch.nn.Module, tensors: dict[str, torch.Tensor], source: Path, *,
+                 expected: dict[str, torch.Tensor] | None = None) -> None:
+    """Copy tensors into the model, naming every missing, unexpected or misshapen tensor.
+    `expected` (name -> tensor, dtypes checked too) replaces the model's state less the tied head."""
+    exact_dtype = expected is not None
+    if expected is None:
+        expected = {k: v for k, v in model.state_dict().items() if k not in TIED}
     problems = [f"missing {k}" for k in expected if k not in tensors]
     problems += [f"unexpected {k}" for k in tensors if k not in expected]
     problems += [
@@ -280,6 +287,8 @@ def load_weights(model: torch.nn.Module, tensors: dict[str, torch.Tensor], sourc
         for k, v in expected.items()
         if k in tensors and tensors[k].shape != v.shape
     ]
+    problems += [f"{k} is {tensors[k].dtype}, config expects {v.dtype}" for k, v in expected.items()
+                 if exact_dtype and k in tensors and tensors[k].dtype != v.dtype]
     if problems:
         more = f" (+{len(problems) - 3} more)" if len(problems) > 3 else ""
         raise LLMClockError(f"{source}: does not match {CONFIG}: {'; '.join(problems[:3])}{more}")
@@ -296,6 +305,12 @@ def load_checkpoint(ckpt: str | Path, device: str | torch.device = "cpu", *, wit
 
     ckpt = Path(ckpt)
     config = read_config(ckpt)
+    comp = read_json(ckpt / CONFIG).get("compression")
+    if comp is not None:  # quantized or pruned: its own module tree (llmclock.compress)
+        from .compress.model import load_compressed
+
+        model = load_compressed(ckpt, config, comp, device)
+        return model, (load_tokenizer(ckpt, config) if with_tokenizer else None)
     tensors = read_tensors(ckpt / WEIGHTS)
     with torch.device("meta"):
         model = GPT(config)

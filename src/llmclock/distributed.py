@@ -193,7 +193,9 @@ def full_state(model: torch.nn.Module, optimizer, fsdp: bool) -> tuple[dict | No
     moments = {
         f"{name}.{key}": torch.as_tensor(t).detach().contiguous() for name, st in osd["state"].items() for key, t in st.items()
     }
-    return {k: v.contiguous() for k, v in weights.items()}, moments
+    from .checkpoint import TIED
+
+    return {k: v.contiguous() for k, v in weights.items() if k not in TIED}, moments
 
 
 def load_optimizer(model: torch.nn.Module, optimizer, tensors: dict, fsdp: bool) -> None:

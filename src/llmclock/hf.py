@@ -21,7 +21,6 @@ from .checkpoint import (
     atomic_dir,
     load_checkpoint,
     load_weights,
-    model_state,
     read_json,
     read_tensors,
     write_checkpoint,
@@ -236,20 +235,27 @@ def _tokenizer_files(tokenizer, block_size: int, dest: Path) -> None:
     )
 
 
-def export_hf(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, *, overwrite: bool = False) -> Path:
+def export_hf(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, *, overwrite: bool = False,
+              dequantize: bool = False) -> Path:
     """Write an llmclock checkpoint as a new Hugging Face GPT-2 directory at `out_dir` (`overwrite`:
-    replace an earlier export there)."""
+    replace an earlier export there). A quantized checkpoint is refused unless `dequantize` (then
+    its weights are written as fp32)."""
     from safetensors.torch import save_file
+
+    from .compress.model import dequantized_state
 
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise LLMClockError(f"{out_dir} already exists; refusing to overwrite it")
     model, tokenizer = load_checkpoint(ckpt_dir)
+    state = dequantized_state(model, ckpt_dir, allow=dequantize)
     config = model.config
     if not config.bias:
         raise LLMClockError(f"{ckpt_dir}: model has bias=False; GPT-2 (and so a HF export) needs biases")
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
-        write_json(tmp / HF_CONFIG, hf_config(config, tokenizer.eot_id))
-        save_file(weights_to_hf(model_state(model)), str(tmp / SAFETENSORS), metadata={"format": "pt"})
+        hf = hf_config(config, tokenizer.eot_id)
+        hidden = (getattr(model, "compression", None) or {}).get("mlp_hidden")
+        write_json(tmp / HF_CONFIG, hf | ({"n_inner": hidden} if hidden else {}))  # structurally pruned MLPs
+        save_file(weights_to_hf(state), str(tmp / SAFETENSORS), metadata={"format": "pt"})
         _tokenizer_files(tokenizer, config.block_size, tmp)
     return out_dir

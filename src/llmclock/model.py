@@ -29,17 +29,12 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.attn_dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
-        # Optional fused kernel for the cache-free causal path, (B, T, 3C) -> (B, T, C); set by
-        # llmclock.fused.fuse_cpu_ops. None: torch's scaled_dot_product_attention.
-        self.fused_attention = None
 
     def forward(self, x: torch.Tensor, kv=None, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         B, T, C = x.size()
         hs = C // self.n_head
         dropout_p = self.attn_dropout if self.training else 0.0
         qkv = self.c_attn(x)  # (B, T, 3C)
-        if kv is None and dropout_p == 0.0 and self.fused_attention is not None:
-            return self.resid_dropout(self.c_proj(self.fused_attention(qkv, self.n_head)))
         q, k, v = qkv.split(self.n_embd, dim=2)
         q = q.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
@@ -62,10 +57,9 @@ class MLP(nn.Module):
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
         self.approximate = config.gelu_approximate
-        self.act = F.gelu  # or a fused equivalent with F.gelu's signature (llmclock.fused)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.c_proj(self.act(self.c_fc(x), approximate=self.approximate)))
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate=self.approximate)))
 
 
 class Block(nn.Module):
@@ -75,15 +69,8 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config)
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias)
         self.mlp = MLP(config)
-        # Optional whole-block kernel for the cache-free path, (block, x) -> y, or None where it does
-        # not apply; set by llmclock.fused.fuse_cpu_ops. None: op by op.
-        self.fused_forward = None
 
     def forward(self, x: torch.Tensor, kv=None, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
-        if kv is None and self.fused_forward is not None:
-            y = self.fused_forward(self, x)
-            if y is not None:
-                return y
         x = x + self.attn(self.ln_1(x), kv, attn_mask)
         return x + self.mlp(self.ln_2(x))
 
@@ -136,14 +123,11 @@ class GPT(nn.Module):
         targets: torch.Tensor | None = None,
         *,
         pos: torch.Tensor | None = None,
-        kv_caches=None,
-        attn_mask: torch.Tensor | None = None,
     ):
         """(B, T) token ids -> (B, T, vocab) logits, and the mean cross-entropy if targets are given.
 
-        Without caches, positions are 0..T-1 and attention is causal. With caches (one per layer),
-        `pos` gives each token's position and `attn_mask` (B, 1, T, S) what it may attend to.
-        Targets equal to -1 are ignored in the loss.
+        Positions are `pos` (default 0..T-1) and attention is causal. Targets equal to -1 are
+        ignored in the loss. (The engine runs cached decoding through the blocks itself.)
         """
         B, T = idx.size()
         if pos is None:
@@ -151,8 +135,8 @@ class GPT(nn.Module):
                 raise ValueError(f"sequence of {T} tokens exceeds block_size {self.config.block_size}")
             pos = torch.arange(T, device=idx.device)
         x = self.embed(idx, pos)
-        for i, block in enumerate(self.transformer.h):
-            x = block(x, None if kv_caches is None else kv_caches[i], attn_mask)
+        for block in self.transformer.h:
+            x = block(x)
         logits = self.head(x)
         if targets is None:
             return logits, None

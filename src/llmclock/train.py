@@ -240,7 +240,7 @@ def train(
         }
         ckpt_io.save_checkpoint(
             link, raw_model, tokenizer, step=at_step, optimizer=optimizer, train_state=state,
-            weights=weights, optimizer_tensors=moments,
+            state=weights, optimizer_tensors=moments,
         )
 
     start_step, t0 = step, time.perf_counter()

@@ -14,7 +14,8 @@ import signal
 import sys
 
 from ..errors import LLMClockError
-from . import engine_cmds, hf_cmds, train_cmds
+from . import compress_cmds, engine_cmds, hf_cmds, serve_cmds, train_cmds
+from .common import printable
 
 COMMANDS = [
     train_cmds.add_demo,
@@ -28,6 +29,8 @@ COMMANDS = [
     engine_cmds.add_replay,
     hf_cmds.add_import_hf,
     hf_cmds.add_export_hf,
+    serve_cmds.add_serve,
+    compress_cmds.add_compress,
 ]
 """Subcommands in `llmclock --help` order: each registers its parser on the subparsers object."""
 
@@ -58,7 +61,7 @@ def _line(message: str, *, own_line: bool = False) -> None:
         sys.stdout.flush()
     except (OSError, ValueError):
         pass
-    sys.stderr.write(("\n" if own_line and sys.stderr.isatty() else "") + message + "\n")
+    sys.stderr.write(("\n" if own_line and sys.stderr.isatty() else "") + printable(message) + "\n")
     sys.stderr.flush()
 
 

@@ -8,13 +8,20 @@ from ..errors import LLMClockError
 from . import options
 
 
+def printable(text: str) -> str:
+    """`text` with the bytes a non-UTF-8 file name brought in (kept as surrogates) shown as \\xNN."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def echo(*a, **k) -> None:
-    print(*a, **k, flush=True)
+    print(*(printable(str(x)) for x in a), **k, flush=True)
 
 
-def check_out(path, flag: str, *, overwrite: bool = False, kind: str = "file") -> Path:
+def check_out(path, flag: str, *, overwrite: bool = False, kind: str = "file", marker: str | None = None) -> Path:
     """Refuse an output path before any work: one that exists (unless --overwrite), one of the
-    wrong kind, or a file whose folder is missing. Directories are created with their parents."""
+    wrong kind, a directory that --overwrite would replace but that is neither empty nor holds
+    `marker` (an earlier output of this command), or a file whose folder is missing.
+    Directories are created with their parents."""
     path = Path(path)
     if path.exists() or path.is_symlink():
         if kind == "file" and path.is_dir():
@@ -23,6 +30,9 @@ def check_out(path, flag: str, *, overwrite: bool = False, kind: str = "file") -
             raise LLMClockError(f"{flag} {path}: exists and is not a directory")
         if not overwrite:
             raise LLMClockError(f"{flag} {path}: already exists (pass --overwrite to replace it)")
+        if kind == "dir" and marker and any(path.iterdir()) and not (path / marker).exists():
+            raise LLMClockError(f"{flag} {path}: not empty and holds no {marker}; --overwrite replaces only "
+                                "an earlier output of this command")
     if kind == "file" and not path.absolute().parent.is_dir():
         raise LLMClockError(f"{flag} {path}: the folder {path.parent} does not exist")
     return path

@@ -67,7 +67,7 @@ def finish_note(engine, params: SamplingParams, seq, prompt_len: int, given_len:
 
 def add_generate(sub) -> None:
     p = sub.add_parser("generate", help="continue a prompt, streaming tokens as the clock ticks")
-    p.add_argument("--ckpt", required=True, type=options.nonempty)
+    p.add_argument("--ckpt", required=True, type=options.path)
     p.add_argument("--prompt", required=True, action="append", type=options.text,
                    help="text to continue (repeatable: each prompt runs in turn)")
     p.add_argument("--num-samples", type=integer(1, 10_000), default=1, help="samples per prompt (default: 1)")
@@ -80,11 +80,11 @@ def cmd_generate(a) -> None:
     params = sampling(a)
     engine = _engine(a)
     params.check_vocab(engine.model.config.vocab_size)
-    runs = [(prompt, i) for prompt in a.prompt for i in range(a.num_samples)]
-    for prompt, i in runs:
+    runs = [(k, prompt, i) for k, prompt in enumerate(a.prompt, 1) for i in range(a.num_samples)]
+    for k, prompt, i in runs:
         p = params if params.seed is None else dataclasses.replace(params, seed=params.seed + i)
         if len(runs) > 1:
-            echo(f"--- prompt {a.prompt.index(prompt) + 1}" + (f", sample {i + 1}" if a.num_samples > 1 else ""))
+            echo(f"--- prompt {k}" + (f", sample {i + 1}" if a.num_samples > 1 else ""))
         given = len(engine.tokenizer.encode(prompt))
         seq = engine.add(prompt, p, truncate=a.truncate)
         echo(prompt if len(seq.prompt_ids) == given else engine.tokenizer.decode(seq.prompt_ids), end="")
@@ -112,7 +112,7 @@ def _logprob_table(tok, events) -> str:
 
 def add_chat(sub) -> None:
     p = sub.add_parser("chat", help="multi-turn chat in the terminal (Ctrl-C stops a reply, Ctrl-D leaves)")
-    p.add_argument("--ckpt", required=True, type=options.nonempty)
+    p.add_argument("--ckpt", required=True, type=options.path)
     p.add_argument("--system", default="", type=options.text, help="system message")
     add_sampling_flags(p)
     p.set_defaults(fn=cmd_chat)
@@ -133,10 +133,10 @@ def cmd_chat(a) -> None:
 
 def add_trace(sub) -> None:
     p = sub.add_parser("trace", help="generate with an oscilloscope on the clock: per-cycle records, Perfetto, plot")
-    p.add_argument("--ckpt", required=True, type=options.nonempty)
+    p.add_argument("--ckpt", required=True, type=options.path)
     p.add_argument("--prompt", action="append", required=True, type=options.text,
                    help="repeatable: prompts run as a batch, one slot each")
-    p.add_argument("--out", required=True, type=options.nonempty,
+    p.add_argument("--out", required=True, type=options.path,
                    help="directory for trace.jsonl, trace.perfetto.json, trace.png")
     add_overwrite(p, "an existing --out directory")
     p.add_argument("--logit-lens", type=options.nonempty, help="layers to read the residual stream at: 'all' or e.g. '0,5,-1'")
@@ -150,7 +150,7 @@ def cmd_trace(a) -> None:
     from ..checkpoint import replace_dir
     from ..trace import Tracer
 
-    out = check_out(a.out, "--out", overwrite=a.overwrite, kind="dir")
+    out = check_out(a.out, "--out", overwrite=a.overwrite, kind="dir", marker="trace.jsonl")
     base = sampling(a)
     params = [dataclasses.replace(base, seed=None if base.seed is None else base.seed + i) for i in range(len(a.prompt))]
     engine = _engine(a, slots=len(a.prompt))
@@ -167,10 +167,10 @@ def cmd_trace(a) -> None:
 
 def add_replay(sub) -> None:
     p = sub.add_parser("replay", help="re-run a trace and check it reproduces bit for bit, or diff two traces")
-    p.add_argument("trace", type=options.nonempty, help="trace.jsonl (or its directory)")
-    p.add_argument("--against", type=options.nonempty,
+    p.add_argument("trace", type=options.path, help="trace.jsonl (or its directory)")
+    p.add_argument("--against", type=options.path,
                    help="another trace: report the first cycle where the two diverge (no model needed)")
-    p.add_argument("--ckpt", type=options.nonempty, help="checkpoint to replay with (default: the one named in the trace)")
+    p.add_argument("--ckpt", type=options.path, help="checkpoint to replay with (default: the one named in the trace)")
     p.set_defaults(fn=cmd_replay)
 
 

@@ -5,7 +5,7 @@ A type raises argparse.ArgumentTypeError; the parser then prints `llmclock: erro
 field's type, its Range, its docstring as help and its default, so a flag accepts exactly what
 the field does and no default is written twice.
 
-A new subcommand uses them like this (see `commands.py` for the real ones):
+A new subcommand uses them like this (the real ones: train_cmds.py, engine_cmds.py, hf_cmds.py):
 
     def add_frob(sub) -> None:
         p = sub.add_parser("frob", help="...")
@@ -99,7 +99,15 @@ def escaped(value: str) -> str:
 
 
 def nonempty(value: str) -> str:
+    """Non-empty text (valid UTF-8)."""
     value = text(value)
+    if not value:
+        raise argparse.ArgumentTypeError("must not be empty")
+    return value
+
+
+def path(value: str) -> str:
+    """A non-empty path (any bytes: a file name need not be UTF-8)."""
     if not value:
         raise argparse.ArgumentTypeError("must not be empty")
     return value
@@ -184,7 +192,8 @@ def add_config_flags(group, cls, names: dict[str, str | None], *, types: dict | 
             help_ += f" (default: {default:g})" if isinstance(default, float) else f" (default: {default})"
         if name in cls.RANGES:
             help_ += f" [{cls.RANGES[name].describe()}]"
-        group.add_argument(flag, dest=name, type=kind, help=help_.replace("%", "%%"))
+        group.add_argument(flag, dest=name, type=kind, metavar=flag.removeprefix("--").replace("-", "_").upper(),
+                           help=help_.replace("%", "%%"))
 
 
 def explicit_fields(cls, a: argparse.Namespace, names=None) -> dict:

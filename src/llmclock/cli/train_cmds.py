@@ -21,7 +21,7 @@ context_length = options.ranged(ModelConfig.RANGES["block_size"])
 
 def add_demo(sub) -> None:
     p = sub.add_parser("demo", help="train a small model on the embedded corpus (Python's stdlib) and sample from it")
-    p.add_argument("--out", type=options.text, help="run directory (default: runs/demo, or runs/demo-N if that exists)")
+    p.add_argument("--out", type=options.path, help="run directory (default: runs/demo, or runs/demo-N if that exists)")
     p.add_argument("--minutes", type=number(0.0, 24 * 60.0, lo_open=True), default=5.0,
                    help="training wall-time budget (default: 5)")
     p.add_argument("--preset", type=preset_name, default="demo", help="model shape (default: demo)")
@@ -46,8 +46,8 @@ def add_tokenizer(sub) -> None:
     tk = sub.add_parser("tokenizer", help="tokenizer tools").add_subparsers(dest="action", required=True,
                                                                            metavar="ACTION")
     p = tk.add_parser("train", help="train a byte-level BPE (or char-level) tokenizer")
-    p.add_argument("inputs", nargs="+", type=options.nonempty, help="text files, directories, globs or .jsonl")
-    p.add_argument("--out", type=options.nonempty, default="tokenizer.json", help="(default: tokenizer.json)")
+    p.add_argument("inputs", nargs="+", type=options.path, help="text files, directories, globs or .jsonl")
+    p.add_argument("--out", type=options.path, default="tokenizer.json", help="(default: tokenizer.json)")
     p.add_argument("--vocab-size", type=integer(257, 2**31), default=8192, help="BPE vocabulary (default: 8192)")
     p.add_argument("--char", action="store_true", help="character-level vocabulary instead of BPE")
     p.add_argument("--text-field", type=options.nonempty, default="text", help="field holding the text in .jsonl inputs")
@@ -89,10 +89,10 @@ def _skipped(files: list[str], count: int) -> str:
 
 def add_prepare(sub) -> None:
     p = sub.add_parser("prepare", help="tokenize a corpus into train/val/test token shards (and keep the tokenizer)")
-    p.add_argument("inputs", nargs="+", type=options.nonempty, help="text files, directories, globs or .jsonl")
-    p.add_argument("--tokenizer", required=True, type=options.nonempty,
+    p.add_argument("inputs", nargs="+", type=options.path, help="text files, directories, globs or .jsonl")
+    p.add_argument("--tokenizer", required=True, type=options.path,
                    help="tokenizer.json, or a dir with it or vocab.json+merges.txt; copied into --out")
-    p.add_argument("--out", required=True, type=options.nonempty, help="data directory to write")
+    p.add_argument("--out", required=True, type=options.path, help="data directory to write")
     p.add_argument("--val", type=fraction, default=0.05, help="validation fraction (default: 0.05)")
     p.add_argument("--test", type=fraction, default=0.05, help="test fraction (default: 0.05)")
     p.add_argument("--no-shuffle", action="store_true", help="keep file order (split the stream as given)")
@@ -143,14 +143,14 @@ RESUME_LOCKED = ("batch_size", "block_size", "grad_accum", "learning_rate", "min
 
 def add_train(sub) -> None:
     p = sub.add_parser("train", help="train a model on prepared shards (works under torchrun)")
-    p.add_argument("--data", required=True, type=options.nonempty, help="directory written by `llmclock prepare`")
-    p.add_argument("--out", required=True, type=options.nonempty, help="run directory (checkpoint at OUT/ckpt)")
-    p.add_argument("--tokenizer", type=options.nonempty, help="default: the one `prepare` kept in --data")
+    p.add_argument("--data", required=True, type=options.path, help="directory written by `llmclock prepare`")
+    p.add_argument("--out", required=True, type=options.path, help="run directory (checkpoint at OUT/ckpt)")
+    p.add_argument("--tokenizer", type=options.path, help="default: the one `prepare` kept in --data")
     p.add_argument("--resume", action="store_true", help="continue OUT's run exactly where it stopped")
     p.add_argument("--override", action="store_true",
                    help="with --resume: accept settings that differ from the checkpoint's (batch size, "
                    "learning rate, ...); the run is then no longer the same run continued")
-    p.add_argument("--init-from", type=options.nonempty, help="start from this checkpoint's weights (fine-tuning)")
+    p.add_argument("--init-from", type=options.path, help="start from this checkpoint's weights (fine-tuning)")
     g = p.add_argument_group("model (default: the preset's; with --resume or --init-from: the checkpoint's)")
     g.add_argument("--preset", type=preset_name, help="named shape: test, nano (default), demo, gpt2 (124M), ...")
     add_config_flags(g, ModelConfig, {k: v for k, v in MODEL_FLAGS.items() if k != "block_size"},
@@ -178,7 +178,16 @@ def _given_model(a) -> dict:
 def _model_config(a, vocab_size: int, train_block: int) -> ModelConfig:
     from ..config import preset
 
-    return preset(a.preset or "nano", vocab_size=vocab_size, **{"block_size": train_block, **_given_model(a)})
+    name, given = a.preset or "nano", _given_model(a)
+    shape = {**PRESETS[PRESET_ALIASES.get(name, name)], **given}
+    if shape["n_embd"] % shape["n_head"]:  # said with the flags (or the preset) that set each number
+
+        def said(field: str) -> str:
+            flag = MODEL_FLAGS.get(field) or "--" + field.replace("_", "-")
+            return f"{flag} {shape[field]}" if field in given else f"the {name} preset's {field} {shape[field]}"
+
+        raise LLMClockError(f"{said('n_embd')} is not divisible by {said('n_head')}")
+    return preset(name, vocab_size=vocab_size, **{"block_size": train_block, **given})
 
 
 def _flag_of(name: str, flags: dict) -> str:
@@ -335,8 +344,8 @@ def _saved_where(link: Path, state: dict | None) -> str:
 
 def add_eval(sub) -> None:
     p = sub.add_parser("eval", help="loss, perplexity and accuracy of a checkpoint on prepared shards")
-    p.add_argument("--ckpt", required=True, type=options.nonempty)
-    p.add_argument("--data", required=True, type=options.nonempty)
+    p.add_argument("--ckpt", required=True, type=options.path)
+    p.add_argument("--data", required=True, type=options.path)
     p.add_argument("--splits", nargs="+", default=["val", "test"], type=options.nonempty,
                    help="(default: val test; an empty split is skipped with a note)")
     p.add_argument("--batch-size", type=integer(1), default=12, help="sequences per batch (default: 12)")

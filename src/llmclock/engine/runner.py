@@ -15,7 +15,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from .kernels import make_attend, make_linear
+from .kernels import decode_linear, make_attend, make_block
 from .kv_cache import KVCache, chunk_mask
 from .scheduler import Chunk
 from .sequence import Event, Sequence
@@ -36,7 +36,8 @@ Linear = Callable[..., torch.Tensor]
 
 @dataclass(frozen=True, slots=True)
 class LayerPlan:
-    """One block for `tick`: LayerNorms as F.layer_norm's (weight, bias, eps), linears as kernels.make_linear's."""
+    """One block for `tick`: LayerNorms as F.layer_norm's (weight, bias, eps), linears as kernels.make_linear's,
+    and `block`, the whole block as one kernel call (kernels.make_block), None where it cannot run."""
 
     ln_1: tuple[torch.Tensor, torch.Tensor | None, float]
     c_attn: Linear
@@ -44,6 +45,7 @@ class LayerPlan:
     ln_2: tuple[torch.Tensor, torch.Tensor | None, float]
     c_fc: Linear
     mlp_proj: Linear
+    block: Callable | None = None
 
 
 class DecodePlan:
@@ -59,17 +61,21 @@ class DecodePlan:
 
     def __init__(self, model, *, packed: bool = True):
         tr, cfg = model.transformer, model.config
-        lin = {m: make_linear(m.weight, m.bias, packed=packed, approximate=cfg.gelu_approximate)
-               for m in model.modules() if isinstance(m, torch.nn.Linear)}
+        act = cfg.gelu_approximate
+
+        def lin(m):
+            return decode_linear(m, packed=packed, approximate=act)
+
         self.n_head, self.shape = cfg.n_head, (cfg.n_embd,)
         self.wte, self.wpe = tr.wte.weight, tr.wpe.weight
-        self.layers = [
-            LayerPlan((b.ln_1.weight, b.ln_1.bias, b.ln_1.eps), lin[b.attn.c_attn], lin[b.attn.c_proj],
-                      (b.ln_2.weight, b.ln_2.bias, b.ln_2.eps), lin[b.mlp.c_fc], lin[b.mlp.c_proj])
-            for b in tr.h
-        ]
+        self.layers = []
+        for b in tr.h:
+            fs = [lin(b.attn.c_attn), lin(b.attn.c_proj), lin(b.mlp.c_fc), lin(b.mlp.c_proj)]
+            self.layers.append(LayerPlan((b.ln_1.weight, b.ln_1.bias, b.ln_1.eps), fs[0], fs[1],
+                                         (b.ln_2.weight, b.ln_2.bias, b.ln_2.eps), fs[2], fs[3],
+                                         make_block(b, *fs, approximate=act)))
         self.ln_f = (tr.ln_f.weight, tr.ln_f.bias, tr.ln_f.eps)
-        self.head = lin[model.lm_head]
+        self.head = lin(model.lm_head)
 
 
 def tick(plan: DecodePlan, cache: KVCache, tokens, pos, slots, L: int, mask, probe: Probe | None = None, attend=None):
@@ -80,30 +86,39 @@ def tick(plan: DecodePlan, cache: KVCache, tokens, pos, slots, L: int, mask, pro
     each row over exactly its own positions; otherwise by index writes and SDPA over the first L
     positions (mask: (n, 1, 1, L), or None when every row may see all L). `slots`, the rows' cache
     slots, is a slice when they are consecutive (the cache is read through a view), else an (n,)
-    index tensor (read by a gather).
+    index tensor (read by a gather). With `attend`, each block whose `layer.block` kernel exists
+    runs as that one call instead (it takes the rows' slots itself).
     """
     n, nh, shape = tokens.size(0), plan.n_head, plan.shape
     C = shape[0]
     x = F.embedding(tokens, plan.wte) + F.embedding(pos, plan.wpe)  # (n, C)
     by_view = isinstance(slots, slice)
     index = torch.arange(n, device=x.device) if by_view and attend is None else slots  # rows' slots for writes
+    slot_map = None  # the block kernel's row -> slot map (int64); None when row b is slot b
+    if not by_view:
+        slot_map = slots
+    elif slots.start:
+        slot_map = torch.arange(slots.start, slots.start + n)
     if probe is not None:
         probe.mark("embed")
     for i, layer in enumerate(plan.layers):
-        qkv = layer.c_attn(F.layer_norm(x, shape, *layer.ln_1))  # (n, 3C)
         kc, vc = cache.k[i], cache.v[i]
-        if attend is not None:
-            y = attend(qkv, kc, vc, pos)  # (n, C)
+        if layer.block is not None and attend is not None:
+            layer.block(x, kc, vc, pos, slot_map)  # the whole block in one kernel call, x updated in place
         else:
-            q, k, v = qkv.view(n, 3, nh, C // nh).unbind(1)  # 3 x (n, nh, hs)
-            if by_view:
-                kc, vc = kc[slots], vc[slots]  # (n, nh, max_len, hs) views
-            kc[index, :, pos] = k
-            vc[index, :, pos] = v
-            kc, vc = (kc[:, :, :L], vc[:, :, :L]) if by_view else (kc[slots, :, :L], vc[slots, :, :L])  # (n, nh, L, hs)
-            y = F.scaled_dot_product_attention(q.unsqueeze(2), kc, vc, attn_mask=mask)  # (n, nh, 1, hs)
-        layer.attn_proj(y.view(n, C), out=x, accumulate=True)  # x += c_proj(y), fused
-        layer.mlp_proj(layer.c_fc(F.layer_norm(x, shape, *layer.ln_2), gelu=True), out=x, accumulate=True)  # x += mlp(ln_2(x))
+            qkv = layer.c_attn(F.layer_norm(x, shape, *layer.ln_1))  # (n, 3C)
+            if attend is not None:
+                y = attend(qkv, kc, vc, pos)  # (n, C)
+            else:
+                q, k, v = qkv.view(n, 3, nh, C // nh).unbind(1)  # 3 x (n, nh, hs)
+                if by_view:
+                    kc, vc = kc[slots], vc[slots]  # (n, nh, max_len, hs) views
+                kc[index, :, pos] = k
+                vc[index, :, pos] = v
+                kc, vc = (kc[:, :, :L], vc[:, :, :L]) if by_view else (kc[slots, :, :L], vc[slots, :, :L])  # (n, nh, L, hs)
+                y = F.scaled_dot_product_attention(q.unsqueeze(2), kc, vc, attn_mask=mask)  # (n, nh, 1, hs)
+            layer.attn_proj(y.view(n, C), out=x, accumulate=True)  # x += c_proj(y), fused
+            layer.mlp_proj(layer.c_fc(F.layer_norm(x, shape, *layer.ln_2), gelu=True), out=x, accumulate=True)  # x += mlp(ln_2(x))
         if probe is not None:
             probe.residual(i, x)
             probe.mark(f"block{i}")
@@ -176,7 +191,7 @@ class ModelRunner:
             full_t, full_p = [0] * n_rows, [L - 1] * n_rows
             for t, p, s in zip(tokens, pos, slots):
                 full_t[s], full_p[s] = t, p
-            tokens, pos, rows, slots_t = full_t, full_p, slots, torch.arange(n_rows, device=dev)
+            tokens, pos, rows, slots_t = full_t, full_p, slots, slice(0, n_rows)
             probe = probe and _Rows(probe, rows)
         else:
             n_rows, L, rows = len(seqs), max(pos) + 1, None
@@ -194,10 +209,8 @@ class ModelRunner:
 
     def memory(self) -> dict[str, int]:
         """Bytes decoding holds: the model's weights, the packed copies of its linears, the KV cache."""
-        packed = sum(f.packed.nbytes for f in {id(f): f for layer in self.plan.layers for f in
-                     (layer.c_attn, layer.attn_proj, layer.c_fc, layer.mlp_proj)}.values() if f.packed is not None)
-        if self.plan.head.packed is not None:
-            packed += self.plan.head.packed.nbytes
+        linears = [f for layer in self.plan.layers for f in (layer.c_attn, layer.attn_proj, layer.c_fc, layer.mlp_proj)]
+        packed = sum(f.packed.nbytes for f in linears + [self.plan.head] if f.packed is not None)
         weights = sum(p.nbytes for p in self.model.parameters())  # the tied head counted once
         return {"weights": weights, "packed copies": packed, "kv cache": self.cache.nbytes}
 

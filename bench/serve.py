@@ -1,0 +1,221 @@
+"""Serving: continuous batching over HTTP vs one request at a time vs the engine called directly.
+
+    python bench/serve.py [--ckpt DIR] [--seconds 8] [--threads 1] [--max-tokens 48]
+
+Without --ckpt, trains the `demo` model on the embedded corpus for --train-minutes first (a small
+trained model, so outputs look like text and end where the model ends them). Starts two servers
+on 127.0.0.1 in their own processes, on the same checkpoint: one with 16 slots (continuous
+batching) and one with 1 slot (one request at a time, the rest queue). Then, in turn:
+
+  - the engine called directly in this process, one request after another (the reference);
+  - 1, 4 and 16 concurrent streaming clients on the batching server, each for --seconds;
+  - 16 clients on the one-slot server, same requests.
+
+Clients are asyncio + httpx in this process, each sending greedy streamed completions from a
+fixed list of prompts until the time is up; every token arrives as its own SSE chunk (logprobs=0),
+so time to first token (TTFT) and inter-token latency (ITL) are measured per token.
+Each server and the reference run torch with --threads threads (default 1: servers, reference and
+clients share the machine). Set LLMCLOCK_NO_CKERNELS=1 to run every side on torch's ops instead of
+the engine's compiled kernels.
+Targets: batching_gain_16 >= 4, p99_itl_16_vs_1 <= 3, http_vs_engine >= 0.9, errors = 0. Last line:
+    RESULT batching_gain_16=<x> p99_itl_16_vs_1=<x> http_vs_engine=<x> errors=<n>
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+PROMPTS = ["def ", "class ", "import ", '"""', "for i in ", "if __name__", "return ", "The "]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(ckpt: str, slots: int, threads: int, queue: int) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    code = ("import sys; from llmclock.server import ServerConfig, run_server; "
+            f"run_server(ServerConfig(ckpt={ckpt!r}, port={port}, slots={slots}, queue={queue}, threads={threads}))")
+    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
+    proc = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 120) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"bench: the server at {url} exited with {proc.returncode}")
+        try:
+            if httpx.get(url + "/ready", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise SystemExit(f"bench: the server at {url} was not ready in {timeout:.0f} s")
+
+
+async def client(http, url: str, k: int, deadline: float, max_tokens: int, stats: dict) -> None:
+    i = k
+    while time.perf_counter() < deadline:
+        body = {"prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": max_tokens, "temperature": 0, "stream": True,
+                "logprobs": 0}
+        i += len(PROMPTS) // 2 + 1
+        t0 = last = time.perf_counter()
+        first, ok = True, False
+        try:
+            async with http.stream("POST", url + "/v1/completions", json=body) as r:
+                if r.status_code != 200:
+                    stats["errors"] += 1
+                    await r.aread()
+                    continue
+                async for line in r.aiter_lines():
+                    if not line.startswith("data: "):
+                        continue
+                    if line == "data: [DONE]":
+                        ok = True
+                        break
+                    chunk = json.loads(line[6:])
+                    if "error" in chunk:
+                        break
+                    now = time.perf_counter()
+                    (stats["ttft"] if first else stats["itl"]).append(now - (t0 if first else last))
+                    first, last = False, now
+                    stats["tokens"] += len(chunk["choices"][0]["logprobs"]["tokens"])
+        except Exception:  # noqa: BLE001 - a benchmark counts failures, it does not stop at one
+            ok = False
+        stats["requests" if ok else "errors"] += 1
+
+
+async def load(url: str, clients: int, seconds: float, max_tokens: int) -> dict:
+    import httpx
+
+    stats = {"tokens": 0, "requests": 0, "errors": 0, "ttft": [], "itl": []}
+    limits = httpx.Limits(max_connections=clients + 4)
+    async with httpx.AsyncClient(timeout=120, limits=limits) as http:
+        t0 = time.perf_counter()
+        await asyncio.gather(*(client(http, url, k, t0 + seconds, max_tokens, stats) for k in range(clients)))
+        stats["seconds"] = time.perf_counter() - t0
+    return stats
+
+
+def engine_direct(ckpt: str, seconds: float, max_tokens: int, threads: int) -> dict:
+    """The reference, in its own process as the servers are: the same requests one after another."""
+    out = subprocess.run([sys.executable, __file__, "--engine-direct", "--ckpt", ckpt, "--seconds", str(seconds),
+                          "--max-tokens", str(max_tokens), "--threads", str(threads)],
+                         env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}, capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _engine_direct(ckpt: str, seconds: float, max_tokens: int, threads: int) -> dict:
+    import torch
+
+    from llmclock.checkpoint import load_checkpoint
+    from llmclock.engine import Engine, SamplingParams
+
+    torch.set_num_threads(threads)
+    model, tok = load_checkpoint(ckpt)
+    engine = Engine(model, tok, slots=16)
+    params = SamplingParams(max_new_tokens=max_tokens, temperature=0, logprobs=0)
+    tokens, i, t0 = 0, 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        tokens += sum(1 for _ in engine.generate([PROMPTS[i % len(PROMPTS)]], params))
+        i += len(PROMPTS) // 2 + 1
+    return {"tokens": tokens, "seconds": time.perf_counter() - t0}
+
+
+def pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(q * len(xs)))] if xs else float("nan")
+
+
+def report(name: str, s: dict) -> float:
+    tps = s["tokens"] / s["seconds"]
+    print(f"{name:<26} {s['requests'] / s['seconds']:7.2f} req/s {tps:8.1f} tok/s  "
+          f"TTFT p50 {pct(s['ttft'], .5) * 1e3:7.1f} p99 {pct(s['ttft'], .99) * 1e3:7.1f} ms  "
+          f"ITL p50 {pct(s['itl'], .5) * 1e3:6.2f} p99 {pct(s['itl'], .99) * 1e3:6.2f} ms  errors {s['errors']}",
+          flush=True)
+    return tps
+
+
+def trained_checkpoint(minutes: float, out: Path) -> str:
+    """The demo model trained for `minutes` on the embedded corpus, kept in `out` and reused next time."""
+    if (out / "ckpt" / "model.safetensors").is_file():
+        print(f"reusing {out / 'ckpt'} (delete it to train again)", file=sys.stderr)
+        return str(out / "ckpt")
+    from llmclock.demo import run_demo
+
+    run = run_demo(out=str(out), minutes=minutes, preset_name="demo", vocab_size=4096, overwrite=True, seed=0,
+                   max_files=80, echo=lambda *a, **k: print(*a, **k, file=sys.stderr))
+    return str(run / "ckpt")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--ckpt", help="checkpoint to serve (default: train the demo model for --train-minutes)")
+    ap.add_argument("--train-minutes", type=float, default=1.0)
+    ap.add_argument("--run", default="runs/bench-serve", help="where the trained model is kept (and reused)")
+    ap.add_argument("--seconds", type=float, default=8.0, help="each load phase runs this long")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads of each server and of the reference")
+    ap.add_argument("--max-tokens", type=int, default=48)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--engine-direct", action="store_true", help=argparse.SUPPRESS)  # the reference's process
+    args = ap.parse_args()
+    if args.engine_direct:
+        print(json.dumps(_engine_direct(args.ckpt, args.seconds, args.max_tokens, args.threads)))
+        return
+    ckpt = args.ckpt or trained_checkpoint(args.train_minutes, Path(args.run))
+    servers = [start_server(ckpt, slots, args.threads, queue=64) for slots in (16, 1)]
+    try:
+        for proc, url in servers:
+            wait_ready(url, proc)
+        (_, batching), (_, serial) = servers
+        asyncio.run(load(batching, 2, 2.0, args.max_tokens))  # warm both up
+        asyncio.run(load(serial, 2, 2.0, args.max_tokens))
+        print(f"checkpoint {ckpt}; {args.threads} thread(s); max_tokens {args.max_tokens}; {args.seconds:g} s per "
+              f"phase; {args.rounds} rounds, phases interleaved, each phase's fastest round kept", flush=True)
+        rounds: dict = {}
+        for r in range(args.rounds):
+            rounds.setdefault("direct", []).append(engine_direct(ckpt, args.seconds, args.max_tokens, args.threads))
+            for n in (1, 4, 16):
+                rounds.setdefault(n, []).append(asyncio.run(load(batching, n, args.seconds, args.max_tokens)))
+            rounds.setdefault("serial", []).append(asyncio.run(load(serial, 16, args.seconds, args.max_tokens)))
+            print(f"round {r + 1}: " + ", ".join(f"{k}: {x[-1]['tokens'] / x[-1]['seconds']:.0f} tok/s"
+                                                  for k, x in rounds.items()), flush=True)
+    finally:
+        for proc, _ in servers:
+            proc.terminate()
+        for proc, _ in servers:
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    errors = sum(x["errors"] for k, xs in rounds.items() if k != "direct" for x in xs)
+    best = {k: max(xs, key=lambda x: x["tokens"] / x["seconds"]) for k, xs in rounds.items()}
+    direct_tps = best["direct"]["tokens"] / best["direct"]["seconds"]
+    print(f"{'engine direct, 1 stream':<26} {'':>13} {direct_tps:8.1f} tok/s")
+    tps = {n: report(f"HTTP, {n} client{'s' * (n != 1)}" if n != "serial" else "HTTP, 16 clients, 1 slot", best[n])
+           for n in (1, 4, 16, "serial")}
+    gain = tps[16] / tps["serial"]
+    itl = pct(best[16]["itl"], .99) / pct(best[1]["itl"], .99)
+    http = tps[1] / direct_tps
+    print(f"16-client throughput, batching / one at a time: {gain:.2f}x (target >= 4)")
+    print(f"p99 inter-token latency, 16 clients / 1 client: {itl:.2f}x (target <= 3)")
+    print(f"1 client over HTTP / engine direct: {http:.2f}x (target >= 0.9)")
+    print(f"RESULT batching_gain_16={gain:.2f} p99_itl_16_vs_1={itl:.2f} http_vs_engine={http:.2f} errors={errors}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,239 @@
+"""The FastAPI app: a factory with no module state, so one process may hold several (tests, Ray Serve).
+
+    create_app(ServerConfig(ckpt="runs/demo/ckpt"))      # loads the checkpoint in the background
+    create_app(config, model=model, tokenizer=tok)       # serves a model already in memory
+    run_server(config)                                   # uvicorn on config.host:config.port, SIGTERM drains
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from contextlib import asynccontextmanager
+from importlib import resources
+
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+
+from ..errors import LLMClockError
+from .config import ServerConfig
+from .errors import APIError, install
+from .loop import EngineLoop
+from .metrics import Metrics
+from .security import KeyChecker, RateLimiter, redact
+
+ACCESS_LOG = "llmclock.server.access"
+ROUTES = ("/", "/health", "/ready", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions",
+          "/openapi.json", "/docs")
+
+
+class Server:
+    """What the routes share: config, engine loop, metrics, key checker, rate limiter."""
+
+    def __init__(self, config: ServerConfig, model=None, tokenizer=None, access_log: logging.Logger | None = None):
+        self.config, self.model, self.tokenizer = config, model, tokenizer
+        self.keys = KeyChecker(config.keys())
+        self.limiter = RateLimiter(config.rpm, config.tpm)
+        self.metrics = Metrics()
+        self.engine = self.loop = None
+        self.load_error: str | None = None
+        self.created = int(time.time())
+        self.access = access_log or logging.getLogger(ACCESS_LOG)
+        self.on_fail = None
+        """Called (from the loading thread) when the model cannot be loaded; run_server stops uvicorn."""
+
+    def load(self) -> None:
+        """Load the checkpoint (unless given a model), build the engine and start its loop."""
+        import torch
+
+        from ..engine import Engine
+
+        try:
+            if self.config.threads:
+                torch.set_num_threads(self.config.threads)
+            if self.model is None:
+                from ..checkpoint import load_checkpoint
+
+                from ..config import resolve_device
+
+                self.model, self.tokenizer = load_checkpoint(self.config.ckpt, device=resolve_device(self.config.device))
+            engine = Engine(self.model, self.tokenizer, slots=self.config.slots)
+            self.loop = EngineLoop(engine, self.metrics, queue=self.config.queue, threads=self.config.threads)
+            self.loop.start()
+            self.engine = engine
+            self.metrics.ready.set(1)
+        except (LLMClockError, OSError, RuntimeError) as e:
+            self.load_error = str(e)
+            logging.getLogger("llmclock.server").error("cannot load the model: %s", e)
+            if self.on_fail is not None:
+                self.on_fail()
+
+    def require_ready(self) -> None:
+        if self.engine is None:
+            raise APIError(503, "the model is still loading" if self.load_error is None
+                           else f"the model failed to load: {self.load_error}", headers={"Retry-After": "2"})
+
+    def sampling(self, body, max_tokens: int, stop: list[str], top: int):
+        from ..engine import SamplingParams
+
+        bias = {}
+        for k, v in (body.logit_bias or {}).items():
+            try:
+                bias[int(k)] = float(v)
+            except ValueError:
+                raise APIError(400, f"logit_bias: key {k[:32]!r} is not a token id", param="logit_bias") from None
+        params = SamplingParams(
+            max_new_tokens=max_tokens, temperature=body.temperature, top_k=body.top_k, top_p=body.top_p,
+            min_p=body.min_p, repetition_penalty=body.repetition_penalty, presence_penalty=body.presence_penalty,
+            frequency_penalty=body.frequency_penalty, logit_bias=bias, stop=stop, seed=body.seed, logprobs=top,
+        )
+        params.check_vocab(self.engine.model.config.vocab_size)
+        return params
+
+    def authorize(self, request: Request) -> None:
+        """The routes' dependency: 401 unless a configured key is presented (no keys: everyone)."""
+        request.state.key = None
+        if not self.keys.enabled:
+            return
+        key = self.keys.check(request.headers.get("authorization"))
+        if key is None:
+            self.metrics.rejected.labels("auth").inc()
+            raise APIError(401, "missing or invalid API key (send 'Authorization: Bearer KEY')",
+                           code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+        request.state.key = key
+
+
+class Gate:
+    """Pure ASGI middleware around every request: body cap (413), metrics, one JSON access-log line."""
+
+    def __init__(self, app, server: Server):
+        self.app, self.s = app, server
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        s, t0, status = self.s, time.perf_counter(), [0]
+        state = scope.setdefault("state", {})
+
+        async def send_status(msg):
+            if msg["type"] == "http.response.start":
+                status[0] = msg["status"]
+            await send(msg)
+
+        body, too_big = await self._read_body(scope, receive)
+        if too_big:
+            state["error"] = f"request body larger than {s.config.max_body} bytes"
+            await APIError(413, state["error"]).response()(scope, receive, send_status)
+        else:
+            sent = [body is None]
+
+            async def replay():
+                if not sent[0]:
+                    sent[0] = True
+                    return {"type": "http.request", "body": body, "more_body": False}
+                return await receive()
+
+            await self.app(scope, replay, send_status)
+        route = scope["path"] if scope["path"] in ROUTES else "other"
+        dt = time.perf_counter() - t0
+        s.metrics.requests.labels(route, str(status[0])).inc()
+        s.metrics.request_seconds.labels(route).observe(dt)
+        if route not in ("/metrics", "/health", "/ready"):
+            self._log(scope, state, status[0], dt)
+
+    async def _read_body(self, scope, receive) -> tuple[bytes | None, bool]:
+        """The whole body, up to the cap (requests are small; streaming bodies are not accepted)."""
+        cap = self.s.config.max_body
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > cap:
+            return None, True
+        if scope["method"] in ("GET", "HEAD", "OPTIONS", "DELETE"):
+            return None, False
+        chunks, size = [], 0
+        while True:
+            msg = await receive()
+            if msg["type"] != "http.request":
+                break
+            chunks.append(msg.get("body", b""))
+            size += len(chunks[-1])
+            if size > cap:
+                return None, True
+            if not msg.get("more_body"):
+                break
+        return b"".join(chunks), False
+
+    def _log(self, scope, state: dict, status: int, dt: float) -> None:
+        client = scope.get("client")
+        rec = {"ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()), "method": scope["method"],
+               "path": scope["path"], "status": status, "ms": round(dt * 1000, 2),
+               "client": client[0] if client else None, "key": state.get("key")}
+        rec.update(state.get("usage") or {})
+        if state.get("error"):
+            rec["error"] = state["error"]
+        if state.get("prompt") is not None:
+            rec["prompt"] = state["prompt"]
+        line = json.dumps(rec, ensure_ascii=False)
+        self.s.access.info(redact(line) if self.s.config.redact else line)
+
+
+def create_app(config: ServerConfig | None = None, *, model=None, tokenizer=None,
+               access_log: logging.Logger | None = None) -> FastAPI:
+    """A new app with its own engine, metrics and limits. Give `model` and `tokenizer`, or config.ckpt.
+    Access-log lines (JSON) go to `access_log`, by default the logger named llmclock.server.access."""
+    config = config or ServerConfig()
+    if model is None and not config.ckpt:
+        raise LLMClockError("serve: give a checkpoint (--ckpt) or a model")
+    server = Server(config, model, tokenizer, access_log)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        threading.Thread(target=server.load, name="llmclock-load", daemon=True).start()
+        yield
+        if server.loop is not None:
+            server.loop.stop()
+
+    app = FastAPI(title="llmclock", version=_version(), lifespan=lifespan,
+                  description="OpenAI-compatible completions on llmclock's clocked engine, with per-cycle traces.")
+    app.state.server = server
+    install(app)
+    from .api import build_router
+
+    app.include_router(build_router(server.authorize))
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    def playground():
+        return HTMLResponse(resources.files(__package__).joinpath("static/index.html").read_text())
+
+    @app.get("/health")
+    def health():
+        """The process is up (no key needed)."""
+        return {"status": "ok"}
+
+    @app.get("/ready")
+    def ready():
+        """The model is loaded and the server accepts requests (no key needed)."""
+        if server.engine is None or server.loop.draining:
+            why = "draining" if server.engine is not None else ("failed" if server.load_error else "loading")
+            return JSONResponse({"status": why, "error": server.load_error}, status_code=503)
+        return {"status": "ready", "model": config.model_name, "slots": config.slots}
+
+    @app.get("/metrics", include_in_schema=False)
+    def metrics():
+        data, ctype = server.metrics.render()
+        return Response(data, media_type=ctype)
+
+    if config.cors_origins:
+        from fastapi.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=config.cors_origins, allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type"])
+    app.add_middleware(Gate, server=server)
+    return app
+
+
+def _version() -> str:
+    from .. import __version__
+
+    return __version__

@@ -1,0 +1,55 @@
+"""Prometheus metrics, one registry per app (no process-wide state), names prefixed llmclock_."""
+
+from __future__ import annotations
+
+import collections
+import threading
+import time
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+class Metrics:
+    def __init__(self):
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        self.registry = r = CollectorRegistry()
+        self.requests = Counter("llmclock_requests", "HTTP requests by route and status code",
+                                ["route", "status"], registry=r)
+        self.prompt_tokens = Counter("llmclock_prompt_tokens", "Prompt tokens admitted", registry=r)
+        self.generated_tokens = Counter("llmclock_generated_tokens", "Tokens generated", registry=r)
+        self.request_seconds = Histogram("llmclock_request_duration_seconds", "Request duration by route",
+                                         ["route"], buckets=LATENCY_BUCKETS, registry=r)
+        self.ttft = Histogram("llmclock_time_to_first_token_seconds", "From admission to the first token",
+                              buckets=LATENCY_BUCKETS, registry=r)
+        self.itl = Histogram("llmclock_inter_token_latency_seconds", "Between consecutive tokens of a sequence",
+                             buckets=LATENCY_BUCKETS, registry=r)
+        self.queue_depth = Gauge("llmclock_queue_depth", "Sequences waiting for a slot", registry=r)
+        self.queue_capacity = Gauge("llmclock_queue_capacity", "Sequences that may wait for a slot", registry=r)
+        self.busy_slots = Gauge("llmclock_busy_slots", "Slots decoding a sequence", registry=r)
+        self.slots = Gauge("llmclock_slots", "Slots in the engine", registry=r)
+        self.tokens_per_second = Gauge("llmclock_tokens_per_second", "Tokens generated per second, last 10 s",
+                                       registry=r)
+        self.rejected = Counter("llmclock_rejected", "Requests refused before admission, by reason",
+                                ["reason"], registry=r)
+        for reason in ("auth", "rate_limit", "queue_full", "draining"):
+            self.rejected.labels(reason)  # export zeros, so rates exist before the first refusal
+        self.ready = Gauge("llmclock_ready", "1 once the model is loaded and the engine runs", registry=r)
+        self._window: collections.deque[tuple[float, int]] = collections.deque()
+        self._lock = threading.Lock()
+
+    def tokens(self, n: int, now: float | None = None) -> None:
+        """Count n tokens generated now; keeps the 10-second rate gauge current."""
+        now = time.monotonic() if now is None else now
+        self.generated_tokens.inc(n)
+        with self._lock:
+            self._window.append((now, n))
+            while self._window and self._window[0][0] < now - 10.0:
+                self._window.popleft()
+            self.tokens_per_second.set(sum(k for _, k in self._window) / 10.0)
+
+    def render(self) -> tuple[bytes, str]:
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        self.tokens(0)  # let the rate decay when nothing is generated
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
