@@ -111,6 +111,11 @@ def deployment(config: ServerConfig, replicas: ReplicaConfig):
 
 def start(config: ServerConfig, replicas: ReplicaConfig, *, blocking: bool = False):
     """Start (or join) Ray, its HTTP proxy on config.host:config.port, and the deployment; returns its handle."""
+    from pathlib import Path
+
+    from ..checkpoint import read_config
+
+    read_config(Path(config.ckpt or ""))  # a missing or broken checkpoint fails here, before Ray starts
     try:
         import ray
         from ray import serve
@@ -121,7 +126,10 @@ def start(config: ServerConfig, replicas: ReplicaConfig, *, blocking: bool = Fal
         ray.init(address=replicas.address, include_dashboard=False, logging_level="WARNING",
                  log_to_driver=False)
     serve.start(http_options={"host": config.host, "port": config.port})
-    return serve.run(deployment(config, replicas), name=DEPLOYMENT, route_prefix="/", blocking=blocking)
+    try:
+        return serve.run(deployment(config, replicas), name=DEPLOYMENT, route_prefix="/", blocking=blocking)
+    except RuntimeError as e:  # a replica could not start (its log is in Ray's session directory)
+        raise LLMClockError(f"serve --ray: Ray Serve could not start the replicas ({str(e).splitlines()[0]})") from None
 
 
 def replica_count() -> int:
@@ -140,6 +148,8 @@ def stop(*, local: bool = True) -> None:
     import ray
     from ray import serve
 
+    if not ray.is_initialized():  # never started (a bad checkpoint): nothing to take down
+        return
     if local:
         serve.shutdown()
         ray.shutdown()
