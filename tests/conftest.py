@@ -50,15 +50,16 @@ def tiny_model(char_tok):
     return GPT(preset("test", vocab_size=char_tok.vocab_size)).eval()
 
 
-def requires_tool(name: str) -> str:
-    """The path of the program `name`; the test is skipped where it is not installed, except in CI
-    (the CI variable set), where the project's own set-up installs it and its absence fails."""
-    path = shutil.which(name)
-    if path is None:
+def requires_tool(*names: str) -> str:
+    """The path of the first program in `names`; the test is skipped where any is not installed,
+    except in CI (the CI variable set), where .ci/run installs them and their absence fails."""
+    missing = [n for n in names if shutil.which(n) is None]
+    if missing:
+        msg = f"needs {', '.join(missing)} on PATH (.ci/run installs it)"
         if os.environ.get("CI"):
-            pytest.fail(f"{name} is not installed, and CI must run this test")
-        pytest.skip(f"{name} is not installed")
-    return path
+            pytest.fail(msg)
+        pytest.skip(msg)
+    return shutil.which(names[0])
 
 
 def requires_kernels(module) -> None:
@@ -77,16 +78,3 @@ def kernel_or_fallback(request, monkeypatch, module) -> bool:
         monkeypatch.setattr(module._kernels, "lib", None)
         requires_kernels(module)
     return request.param
-
-
-def requires_tool(*names: str) -> None:
-    """Skip when an external program is missing, but fail under CI (env CI set), where it must be installed."""
-    import os
-    import shutil
-
-    missing = [n for n in names if shutil.which(n) is None]
-    if missing:
-        msg = f"needs {', '.join(missing)} on PATH (.ci/run installs it)"
-        if os.environ.get("CI"):
-            pytest.fail(msg)
-        pytest.skip(msg)
