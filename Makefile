@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml setup.py
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip setuptools
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e '.[test,hf]'
+	$(BIN)/python -m pip install -q -e '.[test,hf,ray]'
 	touch $(STAMP)
 
 $(KERNELS): $(wildcard src/llmclock/csrc/*) | $(STAMP)

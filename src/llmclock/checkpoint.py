@@ -131,6 +131,7 @@ def write_checkpoint(
     *,
     optimizer: torch.optim.Optimizer | None = None,
     train_state: dict | None = None,
+    optimizer_tensors: dict[str, torch.Tensor] | None = None,
     overwrite: bool = False,
     state: dict[str, torch.Tensor] | None = None,
     config_extra: dict | None = None,
@@ -138,7 +139,8 @@ def write_checkpoint(
 ) -> None:
     """Write a complete checkpoint to a new directory `dest` (temp dir + rename; `overwrite`
     replaces an earlier checkpoint there). `state` replaces model_state(model) as the tensors
-    stored, `config_extra` adds keys to config.json (llmclock.compress: its layers, its scheme) and
+    stored (llmclock.compress's layers; an FSDP run's full weights, gathered to rank 0),
+    `optimizer_tensors` the optimizer's moments, `config_extra` adds keys to config.json and
     `extra(tmp)` may add files of its own first (llmclock.finetune: the chat template)."""
     from safetensors.torch import save_file
 
@@ -146,8 +148,10 @@ def write_checkpoint(
         save_file(model_state(model) if state is None else state, str(tmp / WEIGHTS), metadata={"format": "pt"})
         if tokenizer is not None:
             tokenizer.save(tmp / TOKENIZER)
-        if optimizer is not None:
-            save_file(optimizer_state(model, optimizer), str(tmp / OPTIMIZER))
+        if optimizer_tensors is None and optimizer is not None:
+            optimizer_tensors = optimizer_state(model, optimizer)
+        if optimizer_tensors is not None:
+            save_file(optimizer_tensors, str(tmp / OPTIMIZER))
         if train_state is not None:
             write_json(tmp / STATE, train_state)
         if extra is not None:
@@ -212,15 +216,18 @@ def replace_dir(dest: Path, marker: str = "trace.jsonl"):
     return atomic_dir(dest, overwrite=True, marker=marker)
 
 
-def save_checkpoint(link: Path, model, tokenizer, *, step: int, optimizer=None, train_state=None) -> Path:
+def save_checkpoint(
+    link: Path, model, tokenizer, *, step: int, optimizer=None, train_state=None, state=None, optimizer_tensors=None
+) -> Path:
     """Save a training checkpoint behind the symlink `link` and atomically repoint it.
 
     Returns the versioned directory written. Older versions are removed only after the link
     points at the new one.
     """
-    return save_versioned(
-        link, step, lambda target: write_checkpoint(target, model, tokenizer, optimizer=optimizer, train_state=train_state)
-    )
+    return save_versioned(link, step, lambda target: write_checkpoint(
+        target, model, tokenizer, optimizer=optimizer, train_state=train_state, state=state,
+        optimizer_tensors=optimizer_tensors,
+    ))
 
 
 def save_versioned(link: Path, step: int, write) -> Path:

@@ -236,12 +236,16 @@ class TrainConfig:
     """On the CPU in float32 without compile: llmclock's compiled whole-block, attention, GELU and LayerNorm kernels."""
     device: str = "auto"
     """auto (CUDA when available, else the CPU), cpu, cuda, cuda:N or mps."""
+    fsdp: bool = False
+    """Under torchrun: shard parameters, gradients and optimizer state over the ranks (FSDP's fully_shard) instead of DDP."""
+    dist_timeout: float = 300.0
+    """Seconds a collective may wait for the other ranks before the job ends with an error (a crashed or hung rank)."""
 
     RANGES: ClassVar[dict[str, Range]] = {
         **dict.fromkeys(("max_steps", "batch_size", "block_size", "grad_accum", "eval_batches", "lr_decay_steps"),
                         Range(int, 1, SEED_MAX)),
         **dict.fromkeys(("warmup_steps", "eval_interval", "checkpoint_interval"), Range(int, 0, SEED_MAX)),
-        **dict.fromkeys(("max_seconds", "learning_rate"), Range(float, 0.0, lo_open=True)),
+        **dict.fromkeys(("max_seconds", "learning_rate", "dist_timeout"), Range(float, 0.0, lo_open=True)),
         **dict.fromkeys(("min_lr", "weight_decay", "grad_clip"), Range(float, 0.0)),
         **dict.fromkeys(("beta1", "beta2"), Range(float, 0.0, 1.0, hi_open=True)),
         "seed": SEED,

@@ -1,8 +1,8 @@
-"""The training loop: single process, or many under `torchrun` (DistributedDataParallel).
+"""The training loop: single process, or many under `torchrun` (DDP or FSDP; see distributed.py).
 
 Everything a step depends on is a pure function of the step number (the batch offsets, the
-learning rate), and the RNG and optimizer moments are checkpointed, so a run stopped and resumed
-produces the same losses as one that never stopped.
+learning rate), and every rank's RNG and the optimizer moments are checkpointed, so a run stopped
+and resumed produces the same losses as one that never stopped, also on another number of ranks.
 """
 
 from __future__ import annotations
@@ -18,7 +18,9 @@ from pathlib import Path
 import torch
 
 from . import checkpoint as ckpt_io
+from . import distributed
 from .config import ModelConfig, TrainConfig, resolve_device  # noqa: F401 (resolve_device: also imported from here)
+from .distributed import Dist, init_distributed  # noqa: F401  (re-exported: train.Dist)
 from .errors import LLMClockError
 from .evaluate import evaluate
 from .fused import fuse_cpu_ops
@@ -70,30 +72,6 @@ def make_optimizer(model: GPT, cfg: TrainConfig, device: torch.device) -> torch.
         return torch.optim.AdamW(groups, **kwargs)
 
 
-@dataclass
-class Dist:
-    """This process's place in a torchrun job (rank 0 of 1 when run alone)."""
-
-    rank: int = 0
-    local_rank: int = 0
-    world: int = 1
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def init_distributed(device: torch.device) -> tuple[Dist, torch.device]:
-    if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) == 1:
-        return Dist(), device
-    import torch.distributed as dist
-
-    d = Dist(int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ["WORLD_SIZE"]))
-    if device.type == "cuda":
-        device = torch.device("cuda", d.local_rank)
-        torch.cuda.set_device(device)
-    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return d, device
 
 
 class MetricsLog:
@@ -145,6 +123,7 @@ def report_step(log: MetricsLog, bar, step: int, loss: float, lr: float, tokens_
         bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:,.0f}", lr=f"{lr:.2e}")
 
 
+@distributed.explain_collective_failures
 def train(
     model_config: ModelConfig,
     cfg: TrainConfig,
@@ -162,7 +141,8 @@ def train(
     """Train on `data` (a data.TokenData) and keep a resumable checkpoint at OUT_DIR/ckpt.
 
     `init_from` starts from a checkpoint's weights (fine-tuning); `resume` continues OUT_DIR's own
-    run exactly; `wandb` (wandb.init's keyword arguments) also logs to Weights & Biases.
+    run exactly (on any number of ranks that divides its global batch; a torchrun restart resumes
+    by itself); `wandb` (wandb.init's keyword arguments) also logs to Weights & Biases.
     `on_step(step, loss)` is called after every optimizer step; an exception it raises stops
     training. Only a KeyboardInterrupt (Ctrl-C, from anywhere in the loop) saves a checkpoint
     first, and only when a step was taken since the start or the last save.
@@ -172,7 +152,8 @@ def train(
     out_dir = Path(out_dir)
     link = out_dir / "ckpt"
     device = resolve_device(cfg.device)
-    dist, device = init_distributed(device)
+    dist, device = init_distributed(device, cfg.dist_timeout)
+    resume = resume or (dist.restart > 0 and link.exists())  # torchrun restarted the job: continue it
     if device.type == "cpu":
         keep_freed_memory()  # no page faults for each step's activations (threads.py)
     if cfg.block_size > model_config.block_size:
@@ -183,10 +164,11 @@ def train(
         raise LLMClockError(
             f"data was tokenized with {data.vocab_size} ids but the model has vocab_size {model_config.vocab_size}"
         )
-    torch.manual_seed(cfg.seed + dist.rank)
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank (FSDP shards them as they are)
     model = GPT(model_config).to(device)
-    optimizer = make_optimizer(model, cfg, device)
-    step, prior = 0, {}
+    if dist.rank:
+        torch.manual_seed(cfg.seed + dist.rank)  # each rank its own dropout
+    step, prior, opt_tensors = 0, {}, None
     if resume:
         if not link.exists():
             raise LLMClockError(f"nothing to resume: {link} not found")
@@ -195,15 +177,14 @@ def train(
             raise LLMClockError(f"{link}/config.json: model shape differs from the requested one")
         ckpt_io.load_weights(model, ckpt_io.read_tensors(link / ckpt_io.WEIGHTS), link / ckpt_io.WEIGHTS)
         state, opt_tensors = ckpt_io.load_train_state(link)
-        ckpt_io.load_optimizer_state(model, optimizer, opt_tensors)
         step, prior = state["step"], state
-        ckpt_io.set_rng_state(state["rng"])
+        distributed.restore_rng(state, dist, cfg.seed, step)
         if tokenizer is None:
             tokenizer = ckpt_io.load_tokenizer(link, model_config)
     elif init_from is not None:
         src = Path(init_from)
         ckpt_io.load_weights(model, ckpt_io.read_tensors(src / ckpt_io.WEIGHTS), src / ckpt_io.WEIGHTS)
-    elif dist.main and link.exists():
+    elif link.exists():
         raise LLMClockError(f"{out_dir} already holds a run; pass --resume to continue it or choose another --out")
 
     train_tokens = data.tokens("train")
@@ -212,16 +193,18 @@ def train(
     if val_tokens is not None:
         evx, evy = eval_batches(val_tokens, cfg.batch_size, cfg.block_size, cfg.eval_batches, cfg.seed)
 
-    raw_model = model
+    plan = distributed.batch_plan(cfg.grad_accum, dist, prior or None)
+    fsdp = cfg.fsdp and dist.world > 1  # one rank has nothing to shard
     autocast_dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else None
-    if cfg.fused_kernels and device.type == "cpu" and autocast_dtype is None and not cfg.compile:
+    if cfg.fused_kernels and device.type == "cpu" and autocast_dtype is None and not cfg.compile and not fsdp:
         fuse_cpu_ops(model)
+    model = distributed.wrap(model, dist, device, fsdp)  # fully_shard shards in place; DDP wraps
+    raw_model = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+    optimizer = make_optimizer(raw_model, cfg, device)
+    if opt_tensors is not None:
+        distributed.load_optimizer(raw_model, optimizer, opt_tensors, fsdp)
     if cfg.compile:
         model = torch.compile(model)
-    if dist.world > 1:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
 
     def autocast():
         if autocast_dtype is None:
@@ -239,35 +222,48 @@ def train(
         eval_chunk = max(1, 2048 // cfg.block_size)
     else:
         eval_chunk = max(cfg.batch_size, 2**25 // (cfg.block_size * model_config.vocab_size))
-    tokens_per_step = cfg.batch_size * cfg.block_size * cfg.grad_accum * dist.world
+    tokens_per_step = cfg.batch_size * cfg.block_size * plan.global_micro
     bar = None
     if progress and dist.main:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=cfg.max_steps, initial=step, desc="train", unit="step", dynamic_ncols=True, disable=None)
     elapsed = 0.0
+    eval_dist = None if fsdp else dist  # FSDP: every rank runs every forward (each gathers the shards)
 
     def run_eval(at_step: int) -> dict | None:
         if evx is None:
             return None
-        r = evaluate(raw_model, evx, evy, device=device, chunk=eval_chunk, dist=dist, autocast=autocast)
+        r = evaluate(raw_model, evx, evy, device=device, chunk=eval_chunk, dist=eval_dist, autocast=autocast)
         log.write(step=at_step, split="val", **r)
         if bar is not None:
             bar.write(f"step {at_step}: val loss {r['loss']:.4f}  ppl {r['ppl']:.2f}  acc {r['acc']:.3f}")
         return r
 
-    def save(at_step: int) -> None:
+    def save(at_step: int, collective: bool = True) -> None:
+        """Rank 0 writes; every rank takes part in gathering (RNG states, FSDP shards) when `collective`."""
+        if not collective and fsdp:
+            return  # the shards cannot be gathered from one interrupted rank; the last checkpoint stands
+        rngs = distributed.gather_rng(dist) if collective else [ckpt_io.rng_state()]
+        weights, moments = distributed.full_state(raw_model, optimizer, fsdp)
         if not dist.main:
             return
         state = {
             "step": at_step,
             "train_config": cfg.to_dict(),
-            "rng": ckpt_io.rng_state(),
+            "rng": rngs[0],
+            "rng_ranks": rngs,
+            "world": dist.world,
+            "restart": dist.restart,
+            "global_micro": plan.global_micro,
             "tokens_seen": prior.get("tokens_seen", 0) + (at_step - start_step) * tokens_per_step,
             "data_seed": cfg.seed,
             "tokenizer_hash": data.tokenizer_hash,
         }
-        ckpt_io.save_checkpoint(link, raw_model, tokenizer, step=at_step, optimizer=optimizer, train_state=state)
+        ckpt_io.save_checkpoint(
+            link, raw_model, tokenizer, step=at_step, optimizer=optimizer, train_state=state,
+            state=weights, optimizer_tensors=moments,
+        )
 
     start_step, t0 = step, time.perf_counter()
     last_loss = float("nan")
@@ -280,16 +276,14 @@ def train(
             for group in optimizer.param_groups:
                 group["lr"] = lr
             loss_acc = 0.0
-            for micro in range(cfg.grad_accum):
-                x, y = get_batch(
-                    train_tokens, cfg.batch_size, cfg.block_size, seed=cfg.seed, step=step, micro=micro, rank=dist.rank
+            for micro in range(plan.accum):
+                x, y = get_batch(  # micro-batch g of the global batch, whichever rank runs it
+                    train_tokens, cfg.batch_size, cfg.block_size, seed=cfg.seed, step=step, micro=plan.micro_index(micro)
                 )
                 x, y = torch.from_numpy(x).to(device), torch.from_numpy(y).to(device)
-                sync = dist.world == 1 or micro == cfg.grad_accum - 1
-                ctx = contextlib.nullcontext() if sync else model.no_sync()
-                with ctx, autocast():
+                with distributed.no_sync(model, micro == plan.accum - 1), autocast():
                     _, loss = model(x, y)
-                    loss = loss / cfg.grad_accum
+                    loss = loss / plan.accum
                 loss.backward()
                 loss_acc += loss.item()
             if cfg.grad_clip > 0:
@@ -297,7 +291,7 @@ def train(
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            last_loss = loss_acc
+            last_loss = distributed.mean_over_ranks(loss_acc, dist)
             if not math.isfinite(last_loss):
                 raise LLMClockError(f"training diverged at step {step} (loss {last_loss}); lower the learning rate")
             if step % log_interval == 0 or step == cfg.max_steps:
@@ -315,7 +309,7 @@ def train(
         elapsed = time.perf_counter() - t0
     except KeyboardInterrupt:
         if step > start_step:
-            save(step)
+            save(step, collective=False)
         raise
     finally:
         if bar is not None:
@@ -327,7 +321,7 @@ def train(
     if data.num_tokens("test"):
         tx, ty = eval_batches(data.tokens("test"), cfg.batch_size, cfg.block_size, cfg.eval_batches, cfg.seed)
         evals["test"] = evaluate(
-            raw_model, tx, ty, device=device, chunk=eval_chunk, dist=dist, autocast=autocast
+            raw_model, tx, ty, device=device, chunk=eval_chunk, dist=eval_dist, autocast=autocast
         )
         log.write(step=step, split="test", **evals["test"])
     save(step)
@@ -345,10 +339,7 @@ def train(
     )
     if dist.main:
         result.plot = plot_metrics(log.path, out_dir / "loss.png")
-    if dist.world > 1:
-        import torch.distributed as tdist
-
-        tdist.destroy_process_group()
+    distributed.shutdown(dist)
     return result
 
 

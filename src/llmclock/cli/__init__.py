@@ -84,6 +84,7 @@ def _run(argv: list[str] | None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as e:  # --help, --version, or a usage error already printed as one line
         return e.code if isinstance(e.code, int) else 0
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # `train --nproc` runs them again on each rank
     if args.command in SPINNING_COMMANDS:
         from ..threads import prefer_spinning_threads
 

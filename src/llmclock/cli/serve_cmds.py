@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+from ..errors import LLMClockError
 from ..server.config import KEYS_ENV, ServerConfig
+from ..server.replicas import ReplicaConfig
 from . import options
 from .common import add_device_flags, echo
-from .options import add_config_flags, config_from_args
+from .options import add_config_flags, config_from_args, explicit_fields
 
 SERVER_FLAGS = {name: None for name in (
     "host", "port", "slots", "queue", "max_n", "max_tokens", "rpm", "tpm", "max_body", "drain_timeout",
     "redact", "redact_prompts", "log_prompts")}
+
+
+REPLICA_FLAGS = {"min_replicas": None, "max_replicas": None, "target_ongoing_requests": None,
+                 "upscale_delay_s": "--upscale-delay", "downscale_delay_s": "--downscale-delay",
+                 "num_cpus": "--cpus-per-replica", "address": "--ray-address"}
 
 
 def add_serve(sub) -> None:
@@ -29,6 +36,10 @@ def add_serve(sub) -> None:
     s.add_argument("--cors-origin", dest="cors_origins", action="append", default=[], type=options.nonempty,
                    metavar="ORIGIN", help="allow browser calls from this origin (repeatable; default: no CORS)")
     add_device_flags(p)
+    r = p.add_argument_group("replicas on Ray Serve (pip install 'llmclock[ray]')")
+    r.add_argument("--ray", action="store_true", help="serve through Ray Serve's proxy on --host/--port: one "
+                   "engine per replica, replicas added and removed with the load")
+    add_config_flags(r, ReplicaConfig, REPLICA_FLAGS, types={"address": options.nonempty})
     p.set_defaults(fn=cmd_serve)
 
 
@@ -41,4 +52,13 @@ def cmd_serve(a) -> None:
     keys = config.keys()  # a bad keys file is an error now, not at the first request
     if not keys and config.host not in ("127.0.0.1", "localhost", "::1"):
         echo(f"llmclock: warning: serving on {config.host} without API keys: anyone who can reach it may use it")
+    given = explicit_fields(ReplicaConfig, a, list(REPLICA_FLAGS))
+    if a.ray:
+        from ..server.replicas import serve_forever
+
+        serve_forever(config, config_from_args(ReplicaConfig, a), echo=echo)
+        return
+    if given:
+        flags = ", ".join(REPLICA_FLAGS[n] or "--" + n.replace("_", "-") for n in given)
+        raise LLMClockError(f"{flags}: only with --ray")
     run_server(config, echo=echo)

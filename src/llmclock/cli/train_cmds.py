@@ -137,7 +137,7 @@ TRAIN_FLAGS = {
     "learning_rate": "--lr", "min_lr": None, "warmup_steps": "--warmup", "lr_decay_steps": None,
     "weight_decay": None, "beta1": None, "beta2": None, "grad_clip": None, "eval_interval": None,
     "eval_batches": None, "checkpoint_interval": None, "seed": None, "dtype": None, "compile": None,
-    "fused_kernels": None, "device": None,
+    "fused_kernels": None, "device": None, "fsdp": None, "dist_timeout": None,
 }
 RESUME_LOCKED = ("batch_size", "block_size", "grad_accum", "learning_rate", "min_lr", "warmup_steps", "lr_decay_steps",
                  "weight_decay", "beta1", "beta2", "grad_clip", "seed", "dtype")
@@ -162,8 +162,15 @@ def add_train(sub) -> None:
                      types={"activation": options.choice_of(lambda: list(ACTIVATIONS), "activation")}, defaults=False)
     g.add_argument("--context", dest="context", type=context_length,
                    help="model context length (default: --block-size)")
-    add_config_flags(p.add_argument_group("training"), TrainConfig, TRAIN_FLAGS,
+    g = p.add_argument_group("training")
+    add_config_flags(g, TrainConfig, TRAIN_FLAGS,
                      types={"dtype": options.choice_of(lambda: list(DTYPES), "dtype"), "device": options.device})
+    g.add_argument("--log-interval", type=integer(1), default=10, help="log the training loss every N steps (default: 10)")
+    g = p.add_argument_group("processes (or run the same command under torchrun)")
+    g.add_argument("--nproc", type=integer(1, 4096), help="train on N processes of this machine (torchrun --standalone)")
+    g.add_argument("--max-restarts", type=integer(0, 1000), default=0,
+                   help="with --nproc: restart the job up to N times after a process fails; it resumes from the "
+                   "last checkpoint (default: 0)")
     p.set_defaults(fn=cmd_train)
 
 
@@ -236,6 +243,7 @@ def cmd_train(a) -> None:
     from ..checkpoint import read_config
     from ..config import resolve_device
     from ..data import TokenData
+    from ..distributed import restarted
     from ..memory import check_fits, train_bytes
     from ..tokenizer import Tokenizer
     from ..train import train
@@ -247,6 +255,8 @@ def cmd_train(a) -> None:
     data = TokenData(a.data)
     tok = _data_tokenizer(a, data, Tokenizer)
     out, link = Path(a.out), Path(a.out) / "ckpt"
+    if not a.resume and restarted() and link.exists():
+        a.resume = True  # torchrun restarted this job after a failure: continue from its last checkpoint
     state = None
     if a.resume:
         mcfg, cfg, state = _resume_configs(a, link)
@@ -278,9 +288,13 @@ def cmd_train(a) -> None:
     check_fits(train_bytes(mcfg, cfg), f"training with --batch-size {cfg.batch_size} x --block-size "
                f"{cfg.block_size} (and --eval-batches {cfg.eval_batches}) on this model", "lower --batch-size "
                "(raise --grad-accum to keep the tokens per step), --block-size or --eval-batches", device)
+    if a.nproc:
+        _launch(a)
+        return
     try:
         wandb = {"project": a.wandb, "config": cfg.to_dict() | {"model": mcfg.to_dict()}} if a.wandb else None
-        r = train(mcfg, cfg, data, out, tokenizer=tok, resume=a.resume, init_from=a.init_from, wandb=wandb)
+        r = train(mcfg, cfg, data, out, tokenizer=tok, resume=a.resume, init_from=a.init_from,
+                  log_interval=a.log_interval, wandb=wandb)
     except KeyboardInterrupt:
         raise KeyboardInterrupt(_saved_where(link, state)) from None
     if r.ckpt is None:
@@ -289,6 +303,21 @@ def cmd_train(a) -> None:
     for split, e in r.evals.items():
         echo(f"  {split:5s} loss {e['loss']:.4f}  ppl {e['ppl']:.2f}  next-token acc {e['acc']:.3f}")
     echo(f"  checkpoint {r.ckpt}  metrics {r.metrics}  plot {r.plot}")
+
+
+def _launch(a) -> None:
+    """`train --nproc N`: this same command (less --nproc/--max-restarts) on N local ranks under torchrun's agent."""
+    from ..distributed import launch_local
+
+    argv, skip = [], False
+    for arg in a.argv:
+        if skip:
+            skip = False
+        elif arg in ("--nproc", "--max-restarts"):
+            skip = True
+        elif not arg.startswith(("--nproc=", "--max-restarts=")):
+            argv.append(arg)
+    launch_local(a.nproc, argv, max_restarts=a.max_restarts)
 
 
 def _data_tokenizer(a, data, Tokenizer):
