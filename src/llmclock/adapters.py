@@ -175,13 +175,18 @@ def is_adapted(module: nn.Module) -> bool:
 
 
 def guard_fused(model: nn.Module) -> int:
-    """Take every block that holds an adapter off the fused whole-block kernel, which reads the
-    Linear weights directly and would skip the adapter (its attention, GELU and LayerNorm kernels
-    act on module outputs and stay). Returns the number of blocks changed."""
+    """Check that every fused block holding an adapter stays off the whole-block kernel, which
+    reads the Linear weights directly and would skip the adapter: a FusedBlock takes that kernel
+    only when it is made of its own plain parts (llmclock.fused.is_plain), so an adapted one runs
+    op by op (its attention, GELU and LayerNorm kernels act on module outputs and stay). Returns
+    the number of adapted fused blocks."""
+    from .fused import FusedBlock, is_plain
+
     n = 0
     for block in gpt_of(model).transformer.h:
-        if is_adapted(block) and getattr(block, "fused_forward", None) is not None:
-            block.fused_forward = None
+        if is_adapted(block) and isinstance(block, FusedBlock):
+            if is_plain(block):
+                raise LLMClockError("an adapted block would take the fused whole-block kernel and skip its adapter")
             n += 1
     return n
 
