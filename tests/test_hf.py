@@ -271,11 +271,30 @@ def test_export_loads_in_transformers(tmp_path):
             assert theirs(s)["input_ids"] == tok.encode(s), s
 
 
-def test_export_char_tokenizer(tmp_path):
-    tok = Tokenizer.train_char(TEXTS)
+def test_export_char_tokenizer_loads_in_gpt2_tokenizer(tmp_path):
+    """An ASCII character vocabulary is exported as byte-level BPE with the same ids, so
+    GPT2TokenizerFast (and AutoTokenizer) keep spaces, tabs and newlines and decode back exactly."""
+    tok = Tokenizer.train_char(["First Citizen: speak,\tspeak.\n\nAll: Speak!  12 ~"])
     ckpt, _, _ = _llmclock_ckpt(tmp_path, tok)
     out = export_hf(ckpt, tmp_path / "hf")
+    for cls in (GPT2TokenizerFast, AutoTokenizer):
+        theirs = cls.from_pretrained(out)
+        assert theirs.eos_token_id == tok.eot_id
+        for s in ("speak, speak", "  First\n\n\tAll:  ~12 ", "e"):
+            ids = theirs(s)["input_ids"]
+            assert ids == tok.encode(s), (cls.__name__, s)
+            assert theirs.decode(ids) == s
+
+
+def test_export_wide_char_tokenizer_refused_or_auto(tmp_path):
+    tok = Tokenizer.train_char(TEXTS)  # has é, 🤖, 日本語: several UTF-8 bytes each
+    ckpt, _, _ = _llmclock_ckpt(tmp_path, tok)
+    with pytest.raises(LLMClockError, match="outside ASCII.*PreTrainedTokenizerFast.*--auto-tokenizer"):
+        export_hf(ckpt, tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()
+    out = export_hf(ckpt, tmp_path / "hf", auto_tokenizer=True)
     assert not (out / "vocab.json").exists()
+    assert json.loads((out / "tokenizer_config.json").read_text())["tokenizer_class"] == "PreTrainedTokenizerFast"
     theirs = AutoTokenizer.from_pretrained(out)
     for s in ("speak, speak", "Café 🤖"):
         assert theirs(s)["input_ids"] == tok.encode(s)

@@ -211,14 +211,29 @@ def weights_to_hf(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def _tokenizer_files(tokenizer, block_size: int, dest: Path) -> None:
-    """tokenizer.json, plus vocab.json/merges.txt and the configs GPT2TokenizerFast reads."""
-    tokenizer.save(dest / "tokenizer.json")
+def _hf_tokenizer(tokenizer, *, auto_tokenizer: bool):
+    """The tokenizer to export and the HF class that loads it exactly.
+
+    Byte-level BPE is what GPT2TokenizerFast reads, so an ASCII character vocabulary is written in
+    that form (same ids). Other character vocabularies are refused unless `auto_tokenizer`: then
+    tokenizer.json is written as is, for PreTrainedTokenizerFast (AutoTokenizer).
+    """
     try:
+        return tokenizer.as_byte_level(), "GPT2Tokenizer"
+    except LLMClockError as e:
+        if auto_tokenizer:
+            return tokenizer, "PreTrainedTokenizerFast"
+        raise LLMClockError(
+            f"{e}; GPT2TokenizerFast would drop them. It loads exactly with PreTrainedTokenizerFast "
+            "(AutoTokenizer): pass --auto-tokenizer to export it for that class"
+        ) from None
+
+
+def _tokenizer_files(tokenizer, tokenizer_class: str, block_size: int, dest: Path) -> None:
+    """tokenizer.json, plus vocab.json/merges.txt (byte-level BPE) and the configs HF's loaders read."""
+    tokenizer.save(dest / "tokenizer.json")
+    if tokenizer.kind == "bpe":
         tokenizer.save_gpt2_files(dest)
-        tokenizer_class = "GPT2Tokenizer"
-    except LLMClockError:  # not byte-level BPE (e.g. characters): tokenizer.json alone describes it
-        tokenizer_class = "PreTrainedTokenizerFast"
     eot = tokenizer.id_to_token(tokenizer.eot_id)
     special = {"bos_token": eot, "eos_token": eot, "unk_token": eot}
     write_json(dest / "special_tokens_map.json", special)
@@ -236,10 +251,11 @@ def _tokenizer_files(tokenizer, block_size: int, dest: Path) -> None:
 
 
 def export_hf(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, *, overwrite: bool = False,
-              dequantize: bool = False) -> Path:
+              dequantize: bool = False, auto_tokenizer: bool = False) -> Path:
     """Write an llmclock checkpoint as a new Hugging Face GPT-2 directory at `out_dir` (`overwrite`:
     replace an earlier export there). A quantized checkpoint is refused unless `dequantize` (then
-    its weights are written as fp32)."""
+    its weights are written as fp32). The tokenizer loads with GPT2TokenizerFast (a character
+    vocabulary beyond ASCII is refused unless `auto_tokenizer`: see `_hf_tokenizer`)."""
     from safetensors.torch import save_file
 
     from .compress.model import dequantized_state
@@ -252,10 +268,11 @@ def export_hf(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, *, overwr
     config = model.config
     if not config.bias:
         raise LLMClockError(f"{ckpt_dir}: model has bias=False; GPT-2 (and so a HF export) needs biases")
+    tokenizer, tokenizer_class = _hf_tokenizer(tokenizer, auto_tokenizer=auto_tokenizer)
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
         hf = hf_config(config, tokenizer.eot_id)
         hidden = (getattr(model, "compression", None) or {}).get("mlp_hidden")
         write_json(tmp / HF_CONFIG, hf | ({"n_inner": hidden} if hidden else {}))  # structurally pruned MLPs
         save_file(weights_to_hf(state), str(tmp / SAFETENSORS), metadata={"format": "pt"})
-        _tokenizer_files(tokenizer, config.block_size, tmp)
+        _tokenizer_files(tokenizer, tokenizer_class, config.block_size, tmp)
     return out_dir

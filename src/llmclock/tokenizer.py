@@ -67,6 +67,15 @@ def _read_text(path: Path) -> str:
         raise LLMClockError(f"{path}: cannot read tokenizer file ({e})") from None
 
 
+def _byte_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable character table (the symbols of byte-level BPE vocabularies)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)]
+    table = {b: chr(b) for b in printable}
+    for n, b in enumerate(b for b in range(256) if b not in table):
+        table[b] = chr(256 + n)
+    return table
+
+
 class Tokenizer:
     """A byte-level BPE or character-level tokenizer with an ``<|endoftext|>`` token.
 
@@ -186,6 +195,32 @@ class Tokenizer:
         hf.decoder = decoders.ByteLevel()
         hf.add_special_tokens([EOT])  # reuses the id vocab.json gives it (50256 for GPT-2)
         return cls(hf, origin=str(vocab_path))
+
+    def as_byte_level(self) -> Tokenizer:
+        """This tokenizer as an equal byte-level BPE (same ids), the only kind GPT-2's loaders read.
+
+        A character vocabulary becomes BPE with no merges when each character is one UTF-8 byte
+        (ASCII): every character is then a byte symbol of its own. A character of several bytes
+        would need ids for its byte pieces, which the model does not have, so it is refused.
+        """
+        if self.kind == "bpe":
+            return self
+        vocab = {ch: i for ch, i in self._hf.get_vocab(with_added_tokens=False).items() if ch != EOT}
+        wide = sorted(ch for ch in vocab if len(ch.encode("utf-8")) != 1)
+        if wide:
+            shown = ", ".join(repr(ch) for ch in wide[:3]) + (f" and {len(wide) - 3} more" if len(wide) > 3 else "")
+            raise LLMClockError(
+                f"{self._origin}: the character vocabulary has {len(wide)} character(s) outside ASCII ({shown}); "
+                "byte-level BPE cannot give each of them one id"
+            )
+        to_unicode = _byte_to_unicode()
+        byte_vocab = {to_unicode[ch.encode("utf-8")[0]]: i for ch, i in vocab.items()}
+        byte_vocab[EOT] = self.eot_id
+        hf = HFTokenizer(models.BPE(byte_vocab, []))
+        hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        hf.decoder = decoders.ByteLevel()
+        hf.add_special_tokens([EOT])
+        return Tokenizer(hf, origin=self._origin)
 
     # ---------------------------------------------------------------- saving
 

@@ -28,16 +28,15 @@ def add_export_hf(sub) -> None:
     p.add_argument("out_dir", type=options.path, help="directory to write (loads with from_pretrained)")
     add_overwrite(p, "OUT_DIR (a Hugging Face export or an empty directory)")
     p.add_argument("--dequantize", action="store_true", help="export a quantized checkpoint (llmclock compress) as fp32")
+    p.add_argument("--auto-tokenizer", action="store_true",
+                   help="a character vocabulary beyond ASCII (which GPT2TokenizerFast cannot read): write it "
+                        "for PreTrainedTokenizerFast, which AutoTokenizer loads")
     p.set_defaults(fn=cmd_export_hf)
 
 
 def cmd_export_hf(a) -> None:
     from ..hf import export_hf
-    from ..tokenizer import Tokenizer
 
     out = check_out(a.out_dir, "OUT_DIR", overwrite=a.overwrite, kind="dir", marker="config.json")
-    echo(f"exported -> {export_hf(a.ckpt_dir, out, overwrite=a.overwrite, dequantize=a.dequantize)}")
-    if Tokenizer.load(out).kind == "char":
-        echo("note: a character-level tokenizer loads with AutoTokenizer (PreTrainedTokenizerFast, from "
-             "tokenizer.json); GPT2TokenizerFast reads every vocabulary as byte-level BPE and would drop "
-             "spaces and newlines")
+    out = export_hf(a.ckpt_dir, out, overwrite=a.overwrite, dequantize=a.dequantize, auto_tokenizer=a.auto_tokenizer)
+    echo(f"exported -> {out}")
