@@ -5,11 +5,11 @@
 FROM python:3.11-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
-# g++: llmclock compiles its CPU kernels on first use (without it, torch's kernels are used).
+# g++: `pip install` compiles llmclock's C++ kernels (setup.py builds one library per ISA level).
 RUN apt-get update && apt-get install -y --no-install-recommends g++ && rm -rf /var/lib/apt/lists/*
 
 WORKDIR /opt/llmclock
-COPY pyproject.toml README.md ./
+COPY pyproject.toml setup.py MANIFEST.in README.md ./
 COPY src ./src
 # torch's CPU build first: a bare `torch` requirement would pull the multi-GB CUDA build.
 RUN pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu \

@@ -10,7 +10,8 @@ once per ISA level, `_kernels_avx512.so` (x86-64-v4), `_kernels_avx2.so` (x86-64
 `_kernels_base.so` (any x86-64); llmclock/cbuild.py picks the best one this CPU runs when it loads.
 Elsewhere (aarch64, ...) there is one `_kernels_base.so` for the compiler's default target. An
 editable install (`make setup`, `pip install -e .`) builds them in place, next to the package's
-sources; `python setup.py build_ext --inplace` rebuilds them after an edit. CXX picks the compiler.
+sources; `python setup.py build_ext --inplace` rebuilds them after an edit. CXX picks the compiler;
+LLMCLOCK_ISA_LEVELS (e.g. "avx2,base") builds only the levels it names.
 """
 
 from __future__ import annotations
@@ -49,13 +50,23 @@ class BuildSharedLibrary(build_ext):
             self.build_temp = temp
 
 
+def chosen_levels() -> dict[str, list[str]]:
+    """The levels to build: all of this architecture's, or those LLMCLOCK_ISA_LEVELS names (e.g.
+    "base" or "avx2,base", for a quicker build for known machines; cbuild.py loads the best built)."""
+    wanted = [w.strip() for w in os.environ.get("LLMCLOCK_ISA_LEVELS", "").split(",") if w.strip()]
+    unknown = sorted(set(wanted) - set(levels()))
+    if unknown:
+        raise SystemExit(f"LLMCLOCK_ISA_LEVELS: unknown level(s) {', '.join(unknown)} (this machine: {', '.join(levels())})")
+    return {k: v for k, v in levels().items() if not wanted or k in wanted}
+
+
 sources = sorted(glob.glob(os.path.join(CSRC, "*.cpp")))
 headers = sorted(glob.glob(os.path.join(CSRC, "*.h")))
 setup(
     ext_modules=[
         Extension(f"llmclock._kernels_{level}", sources=sources, depends=headers, language="c++",
                   extra_compile_args=COMMON + flags, extra_link_args=["-fopenmp"])
-        for level, flags in levels().items()
+        for level, flags in chosen_levels().items()
     ],
     cmdclass={"build_ext": BuildSharedLibrary},
 )

@@ -1,6 +1,11 @@
 """The Dockerfile and Kubernetes manifests: valid against Kubernetes' schemas (offline, kubernetes-validate),
 consistent with each other, and running a command line the CLI accepts."""
 
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
 from pathlib import Path
 
 import kubernetes_validate
@@ -82,3 +87,32 @@ def test_image_runs_as_non_root_and_matches_the_manifests():
     cmd = yaml.safe_load(d["CMD"])  # the exec form is a JSON list
     assert cmd[0] == "serve" and d["EXPOSE"] == cmd[cmd.index("--port") + 1]
     assert _container()["args"][: len(cmd)] == cmd  # the pods run the image's own command (plus --slots)
+
+
+@pytest.mark.slow
+def test_image_build_context_installs_the_kernels(tmp_path):
+    """The files the Dockerfile COPYs are enough for its `pip install .` to build the C++ kernels.
+
+    No Docker daemon (nor Docker Hub) is reachable here, so the image itself is not built: its
+    context is, as a wheel, from exactly the COPY'd files.
+    """
+    ctx = tmp_path / "ctx"
+    ctx.mkdir()
+    for line in _dockerfile()["COPY"].splitlines():
+        *sources, dest = line.split()
+        for src in sources:
+            target = ctx / dest / src if dest.endswith("/") and dest != "./" else ctx / (src if dest == "./" else dest)
+            if (ROOT / src).is_dir():
+                shutil.copytree(ROOT / src, target, ignore=shutil.ignore_patterns("*.so", "__pycache__", "*.egg-info"))
+            else:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy(ROOT / src, target)
+    # One ISA level keeps this quick; the image builds all of them (setup.py).
+    p = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                        str(tmp_path / "dist"), str(ctx)], capture_output=True, text=True, timeout=900,
+                       env={**os.environ, "LLMCLOCK_ISA_LEVELS": "base"})
+    assert p.returncode == 0, p.stderr[-3000:]
+    (wheel,) = (tmp_path / "dist").glob("llmclock-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "llmclock/_kernels_base.so" in names, names
+    assert "llmclock/server/static/index.html" in names
