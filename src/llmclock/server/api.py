@@ -42,7 +42,8 @@ def build_router(auth) -> APIRouter:
             given = [redact(p) if isinstance(p, str) and s.config.redact_prompts else p for p in prompts]
             return s.encode(given), texts
 
-        return await _serve(request, body, "completion", len(prompts), prepare,
+        size = sum(len(p) for p in prompts if isinstance(p, str))
+        return await _serve(request, body, "completion", len(prompts), prepare, size,
                             body.max_tokens or min(16, s.config.max_tokens or 16), [], body.logprobs is not None,
                             body.logprobs or 0)
 
@@ -62,7 +63,9 @@ def build_router(auth) -> APIRouter:
             return s.encode([prompt]), [prompt]
 
         max_tokens = body.max_completion_tokens or body.max_tokens
-        return await _serve(request, body, "chat", 1, prepare, max_tokens, list(s.template.stop), body.logprobs,
+        size = sum(len(m.content) if isinstance(m.content, str) else sum(len(p.text) for p in m.content or [])
+                   for m in body.messages)
+        return await _serve(request, body, "chat", 1, prepare, size, max_tokens, list(s.template.stop), body.logprobs,
                             (body.top_logprobs or 0) if body.logprobs else 0)
 
     return router
@@ -73,10 +76,16 @@ def retry_after(seconds: float) -> dict:
     return {"Retry-After": str(max(1, math.ceil(seconds)))}
 
 
-async def _serve(request: Request, body, kind: str, n_prompts: int, prepare, max_tokens: int | None,
+INLINE_CHARS = 8192
+"""Prompts up to this many characters are prepared on the event loop (tens of microseconds: less than
+the hand-off to a worker thread); longer ones on a worker thread."""
+
+
+async def _serve(request: Request, body, kind: str, n_prompts: int, prepare, size: int, max_tokens: int | None,
                  extra_stop: list[str], want_logprobs: bool, top: int):
     """`prepare()` -> (token ids of each prompt, prompt texts for the log): redaction, the chat template
-    and tokenisation, run on a worker thread so a huge prompt does not hold up other streams' events."""
+    and tokenisation; for prompts of more than INLINE_CHARS characters (`size`) on a worker thread, so
+    that a huge prompt does not hold up other streams' events."""
     s = request.app.state.server
     s.require_ready()
     if body.model is not None and body.model != s.config.model_name:
@@ -86,7 +95,10 @@ async def _serve(request: Request, body, kind: str, n_prompts: int, prepare, max
     choices = n_prompts * body.n
     if choices > s.config.max_n:
         raise APIError(400, f"n x prompts = {choices} choices; this server allows at most {s.config.max_n}", param="n")
-    ids, texts = await asyncio.get_running_loop().run_in_executor(s.workers, prepare)
+    if size <= INLINE_CHARS:
+        ids, texts = prepare()
+    else:
+        ids, texts = await asyncio.get_running_loop().run_in_executor(s.workers, prepare)
     V, ctx, cap = engine.model.config.vocab_size, engine.max_len, s.config.max_tokens
     if cap and max_tokens and max_tokens > cap:
         raise APIError(400, f"max_tokens is {max_tokens}; this server generates at most {cap} tokens per choice",
@@ -171,8 +183,8 @@ async def _stream(s, job: Job, out: Output, include_usage: bool):
             except APIError as e:  # headers are gone: say it in the stream, as OpenAI does
                 yield f"data: {json.dumps(e.body())}\n\n"
                 return
-            for chunk in chunks:
-                yield _sse(chunk, include_usage)
+            if chunks:  # one write for what one cycle brought (n > 1: a token per choice)
+                yield "".join(_sse(chunk, include_usage) for chunk in chunks)
         if include_usage:
             yield _sse(out.chunk([], usage=out.usage()), True)
         yield "data: [DONE]\n\n"

@@ -248,8 +248,7 @@ class EngineLoop:
                 self._mean_len = n if self._mean_len is None else 0.9 * self._mean_len + 0.1 * n
         if m is not None:
             m.tokens(len(events), now)
-        for job, items in per_job.values():
-            self._post(job, items)
+        self._post_all(per_job.values())
         self._gauges()
 
     def _fail_all(self, message: str, status: int) -> None:
@@ -266,10 +265,24 @@ class EngineLoop:
 
     @staticmethod
     def _post(job: Job, items: list) -> None:
-        try:
-            job.aloop.call_soon_threadsafe(job.queue.put_nowait, items)
-        except RuntimeError:
-            pass  # its event loop has closed: nobody is listening
+        EngineLoop._post_all([(job, items)])
+
+    @staticmethod
+    def _post_all(deliveries) -> None:
+        """Hand each job its items: one wake-up of each event loop per cycle, not one per job."""
+        by_loop: dict[int, tuple[asyncio.AbstractEventLoop, list]] = {}
+        for job, items in deliveries:
+            by_loop.setdefault(id(job.aloop), (job.aloop, []))[1].append((job.queue, items))
+        for aloop, batch in by_loop.values():
+            try:
+                aloop.call_soon_threadsafe(_put_all, batch)
+            except RuntimeError:
+                pass  # its event loop has closed: nobody is listening
+
+
+def _put_all(batch: list) -> None:
+    for queue, items in batch:
+        queue.put_nowait(items)
 
 
 def cycles_until(need: int, running: list[int], waiting: list[int], slots: int) -> int:
