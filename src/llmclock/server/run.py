@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import socket
 import sys
-from pathlib import Path
 
 from ..errors import LLMClockError
 from .app import ACCESS_LOG, create_app
