@@ -67,17 +67,24 @@ async def _metrics_for_all(server):
     """While the replica runs: push its metrics to the hub, and answer /metrics with every replica's."""
     from .metrics import merge
 
-    hub, me = _hub(), _replica_id()
+    hub, me = [_hub()], _replica_id()
 
     async def push():
         while True:
-            await hub.put.remote(me, server.metrics.render()[0])
+            try:
+                await hub[0].put.remote(me, server.metrics.render()[0])
+            except Exception:  # noqa: BLE001 - the hub died: make (or find) another
+                hub[0] = _hub()
             await asyncio.sleep(PUSH_S)
 
     async def gather() -> bytes:
         mine = server.metrics.render()[0]
-        hub.put.remote(me, mine)
-        return merge({**await hub.all.remote(), me: mine})
+        try:
+            hub[0].put.remote(me, mine)
+            others = await hub[0].all.remote()
+        except Exception:  # noqa: BLE001 - no hub right now: this replica's own, still labelled
+            others = {}
+        return merge({**others, me: mine})
 
     task = asyncio.create_task(push())
     server.gather_metrics = gather
@@ -86,7 +93,10 @@ async def _metrics_for_all(server):
     finally:
         task.cancel()
         server.gather_metrics = None
-        await hub.drop.remote(me)
+        try:
+            await hub[0].drop.remote(me)
+        except Exception:  # noqa: BLE001 - the hub is gone already
+            pass
 
 
 @dataclass
