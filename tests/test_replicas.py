@@ -43,6 +43,27 @@ def test_replica_config_checks_its_bounds():
         ReplicaConfig(target_ongoing_requests=0)
 
 
+def _completions_by_replica(text: str) -> dict[str, float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {s.labels["replica"]: s.value for fam in text_string_to_metric_families(text) for s in fam.samples
+            if s.name == "llmclock_requests_total" and s.labels["route"] == "/v1/completions"
+            and s.labels["status"] == "200"}
+
+
+def test_metrics_of_several_replicas_merge_into_one_export():
+    from llmclock.server.metrics import Metrics, merge
+
+    a, b = Metrics(), Metrics()
+    a.requests.labels("/v1/completions", "200").inc(3)
+    b.requests.labels("/v1/completions", "200").inc(4)
+    b.ttft.observe(0.02)
+    text = merge({"r1": a.render()[0], "r2": b.render()[0]}).decode()
+    assert _completions_by_replica(text) == {"r1": 3.0, "r2": 4.0}
+    assert 'llmclock_time_to_first_token_seconds_count{replica="r2"} 1.0' in text
+    assert text.count("# TYPE llmclock_requests_total counter") == 1  # one family, a sample per replica
+
+
 @pytest.mark.slow
 def test_ray_serve_scales_to_two_replicas_under_a_burst_and_back(tmp_path, char_tok, monkeypatch):
     ray = _require("ray")
@@ -65,7 +86,7 @@ def test_ray_serve_scales_to_two_replicas_under_a_burst_and_back(tmp_path, char_
     body = {"model": config.model_name, "prompt": "First Citizen:", "max_tokens": 48, "temperature": 1.0}
     try:
         start(config, ReplicaConfig(min_replicas=1, max_replicas=2, target_ongoing_requests=1, upscale_delay_s=0.5,
-                                    downscale_delay_s=2, look_back_period_s=2))
+                                    downscale_delay_s=5, look_back_period_s=2))
         assert replica_count() == 1
         assert httpx.get(base + "/ready").json()["status"] == "ready"  # started = model loaded
         assert httpx.post(base + "/v1/completions", json=body).status_code == 401  # the app's keys, per replica
@@ -99,6 +120,15 @@ def test_ray_serve_scales_to_two_replicas_under_a_burst_and_back(tmp_path, char_
         asyncio.run(burst())
         assert max(seen) == 2, f"did not scale up: replica counts {seen}"
         assert statuses and set(statuses) == {200}, f"{len(statuses)} requests: {sorted(set(statuses))}"
+        # /metrics through the proxy, whichever replica answers: every replica's, labelled with its id,
+        # adding up to all the completions answered (replicas push theirs every second)
+        answered, deadline = len(statuses) + 1, time.monotonic() + 10  # + the streamed one
+        while True:
+            per = _completions_by_replica(httpx.get(base + "/metrics", timeout=10).text)
+            if len(per) == 2 and sum(per.values()) == answered or time.monotonic() > deadline:
+                break
+            time.sleep(0.3)
+        assert len(per) == 2 and sum(per.values()) == answered and min(per.values()) > 0, (per, answered)
         deadline = time.monotonic() + 90
         while replica_count() > 1 and time.monotonic() < deadline:
             time.sleep(0.5)

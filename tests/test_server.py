@@ -253,16 +253,80 @@ def test_disconnect_frees_the_slot_within_two_cycles(srv, bpe_tok):
     assert srv.state.loop.inflight == 0
 
 
-def test_full_queue_is_429_with_retry_after(model, bpe_tok):
+def test_full_queue_is_429_with_an_estimated_retry_after(model, bpe_tok):
+    """Retry-After = the cycles until the running sequence frees its slot x the measured cycle time."""
     with serving(model, bpe_tok, slots=1, queue=0) as s:
-        s.slow(0.02)
+        s.slow(0.01)
         no_eot = {str(bpe_tok.eot_id): -100}  # so it cannot end early
         with s.http() as c, c.stream("POST", "/v1/completions", json={
-                "prompt": "x", "max_tokens": 100, "stream": True, "logit_bias": no_eot}) as first:
-            next(first.iter_lines())
+                "prompt": "x", "max_tokens": 240, "stream": True, "logit_bias": no_eot,
+                "logprobs": 0}) as first:  # logprobs: one event per token
+            events = (x for x in first.iter_lines() if x.startswith("data: {"))
+            seen = [next(events) for _ in range(10)]
             r = c.post("/v1/completions", json={"prompt": "y", "max_tokens": 5})
-            assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1
-            assert r.json()["error"]["code"] == "queue_full"
+            early, cycle_s = int(r.headers["retry-after"]), s.state.loop._cycle_s
+            assert r.status_code == 429 and r.json()["error"]["code"] == "queue_full"
+            assert cycle_s >= 0.01 and 2 <= early <= 2 * 240 * cycle_s + 2  # ~230 cycles left, >= 0.01 s each
+            seen += [next(events) for _ in range(200)]
+            late = int(c.post("/v1/completions", json={"prompt": "y", "max_tokens": 5}).headers["retry-after"])
+            assert 1 <= late < early  # 30 cycles left now
+            assert late <= 2 * 30 * s.state.loop._cycle_s + 2
+
+
+def test_cycles_until_enough_sequences_finish():
+    from llmclock.server.loop import cycles_until
+
+    assert cycles_until(0, [5, 10], [], 2) == 0
+    assert cycles_until(1, [5, 10], [8], 2) == 5  # the first running one
+    assert cycles_until(2, [5, 10], [8], 2) == 10
+    assert cycles_until(3, [5, 10], [8], 2) == 13  # the waiting one took the slot freed at 5
+    assert cycles_until(1, [7], [3, 3], 2) == 3  # a free slot runs a waiting one at once
+    assert cycles_until(3, [], [], 4) == 1  # nothing known: one round of the slots
+
+
+def test_a_huge_prompt_does_not_hold_up_other_streams(model, bpe_tok, monkeypatch):
+    """Tokenising a prompt of a megabyte takes a second or more; it runs on a worker thread (the Rust
+    batch encoder releases the GIL), so the event loop keeps sending another stream's tokens
+    meanwhile. Were it tokenised on the event loop, no token could be sent during that time."""
+    huge = (CORPUS * (1 + 1_000_000 // len(CORPUS)))[:1_000_000]
+    window = []
+    encode_batch = bpe_tok.encode_batch
+
+    def timed(texts):
+        t0 = time.perf_counter()
+        try:
+            return encode_batch(texts)
+        finally:
+            if len(texts[0]) == len(huge):
+                window[:] = [t0, time.perf_counter()]
+
+    monkeypatch.setattr(bpe_tok, "encode_batch", timed)
+    with serving(model, bpe_tok, max_body=2 << 20) as s:
+        s.slow(0.005)
+        arrivals: list[float] = []
+        started, done = threading.Event(), threading.Event()
+
+        def stream():
+            body = {"prompt": "x", "max_tokens": 250, "stream": True, "logprobs": 0,
+                    "logit_bias": {str(bpe_tok.eot_id): -100}}
+            with s.http() as c, c.stream("POST", "/v1/completions", json=body) as r:
+                for _ in r.iter_lines():
+                    arrivals.append(time.perf_counter())
+                    started.set()
+                    if done.is_set():
+                        return
+
+        reader = threading.Thread(target=stream)
+        reader.start()
+        assert started.wait(20)
+        with s.http() as c:
+            r = c.post("/v1/completions", json={"prompt": huge, "max_tokens": 1})
+        done.set()
+        reader.join(30)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"  # it was tokenised
+    t0, t1 = window
+    during = [t for t in arrivals if t0 <= t <= t1]
+    assert t1 - t0 > 0.3 and len(during) >= 3, (t1 - t0, len(during))
 
 
 # ------------------------------------------------------------------------------ security
@@ -288,16 +352,38 @@ def test_api_keys(srv, tmp_path, monkeypatch):
 
 
 def test_rate_limits(model, bpe_tok):
+    """Retry-After: when the key's buckets hold enough again (they refill continuously)."""
     with serving(model, bpe_tok, rpm=2, tpm=400) as s, s.http() as c:
         ok = [c.post("/v1/completions", json={"prompt": "x", "max_tokens": 3}).status_code for _ in range(2)]
         r = c.post("/v1/completions", json={"prompt": "x", "max_tokens": 3})
-        assert ok == [200, 200] and r.status_code == 429 and int(r.headers["retry-after"]) >= 1
+        assert ok == [200, 200] and r.status_code == 429 and 29 <= int(r.headers["retry-after"]) <= 30  # 60 s / 2
         assert r.json()["error"]["type"] == "rate_limit_exceeded"
-    with serving(model, bpe_tok, tpm=50) as s, s.http() as c:
-        assert c.post("/v1/completions", json={"prompt": "x", "max_tokens": 30}).status_code == 200
-        r = c.post("/v1/completions", json={"prompt": "x", "max_tokens": 30})
-        assert r.status_code == 429 and "retry-after" in r.headers
-        assert c.post("/v1/completions", json={"prompt": "x", "max_tokens": 60}).status_code == 429  # never fits
+    with serving(model, bpe_tok, tpm=300) as s, s.http() as c:
+        x = len(bpe_tok.encode("x"))
+        assert c.post("/v1/completions", json={"prompt": "x", "max_tokens": 100}).status_code == 200
+        waits = []
+        for more in (20, 50):  # need this many tokens beyond what is left: 0.2 s per token at 300/min
+            r = c.post("/v1/completions", json={"prompt": "x", "max_tokens": 300 - 100 - 2 * x + more})
+            assert r.status_code == 429
+            waits.append(int(r.headers["retry-after"]))
+        assert 3 <= waits[0] <= 4 and 9 <= waits[1] <= 10
+        never = c.post("/v1/completions", json={"prompt": "x", "max_tokens": 200, "n": 2})  # over a minute's worth
+        assert never.status_code == 429 and "retry-after" not in never.headers
+
+
+def test_rate_limiter_waits_until_the_window_frees_enough():
+    from llmclock.server.security import RateLimiter
+
+    now = [0.0]
+    lim = RateLimiter(rpm=2, tpm=100, clock=lambda: now[0])
+    assert lim.acquire("k", 80) == 0.0 and lim.acquire("j", 10) == 0.0  # keys are separate
+    assert lim.acquire("k", 50) == pytest.approx(18.0)  # 30 tokens short at 100/min
+    now[0] = 6.0
+    assert lim.acquire("k", 50) == pytest.approx(12.0)  # 10 tokens came back
+    now[0] = 18.0
+    assert lim.acquire("k", 50) == 0.0
+    assert lim.acquire("k", 1) == pytest.approx(12.0)  # requests: 0.6 left of 2, 0.4 short at 2/min
+    assert lim.acquire("k", 101) == float("inf")
 
 
 def test_body_cap_cors_and_redacted_logs(model, bpe_tok):

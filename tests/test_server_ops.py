@@ -58,7 +58,8 @@ def test_schemathesis_finds_no_server_errors(model, bpe_tok, tmp_path):  # noqa:
     with serving(model, bpe_tok, api_keys=[KEY], max_tokens=8) as s:
         run = subprocess.run(
             [st, "run", s.url + "/openapi.json", "--checks", "not_a_server_error", "--max-examples", "25",
-             "--seed", "1", "--workers", "2", "--request-timeout", "60", "--no-color",
+             "--seed", "1", "--workers", "1",  # 2 workers: hypothesis hit CPython 3.11's ast.parse thread bug
+             "--request-timeout", "60", "--no-color",
              "--header", f"Authorization: Bearer {KEY}", "--generation-database", "none",
              "--phases", "examples,coverage,fuzzing"],
             capture_output=True, text=True, timeout=400, cwd=tmp_path,

@@ -242,17 +242,31 @@ def read_adapter_config(adapter_dir: Path) -> tuple[AdapterConfig, dict]:
         raise LLMClockError(f"{adapter_dir / ADAPTER_CONFIG}: {e}") from None
 
 
-def attach_adapter(model: nn.Module, adapter_dir: str | Path, base_hash: str) -> nn.Module:
-    """Load a saved adapter onto `model` (a loaded base GPT whose weights file has sha256
-    `base_hash`), refusing an adapter trained on other weights."""
-    from .checkpoint import read_tensors
-
+def check_adapter(adapter_dir: str | Path, base_hash: str, *, merged: bool = False) -> AdapterConfig:
+    """The adapter's config, once it is known to fit: an llmclock adapter, not a full fine-tune,
+    trained on the weights whose file has sha256 `base_hash`, and (`merged`) foldable into them.
+    Reads no tensors, so a server can refuse a wrong adapter at start-up."""
     adapter_dir = Path(adapter_dir)
     cfg, meta = read_adapter_config(adapter_dir)
     if cfg.method == "full":
         raise LLMClockError(f"{adapter_dir}: a full fine-tune is a checkpoint of its own: pass it as --ckpt")
     if base_hash != meta.get("base_weights_hash"):
         raise LLMClockError(f"{adapter_dir}: this adapter was trained on other base weights (weights hash differs)")
+    if merged and cfg.method == "adapter":
+        raise LLMClockError(
+            f"{adapter_dir}: a bottleneck adapter cannot run on the engine (it needs plain weights); "
+            "use LoRA or AdaLoRA, or `llmclock eval` for its language-model metrics"
+        )
+    return cfg
+
+
+def attach_adapter(model: nn.Module, adapter_dir: str | Path, base_hash: str) -> nn.Module:
+    """Load a saved adapter onto `model` (a loaded base GPT whose weights file has sha256
+    `base_hash`), refusing an adapter trained on other weights."""
+    from .checkpoint import read_tensors
+
+    adapter_dir = Path(adapter_dir)
+    cfg = check_adapter(adapter_dir, base_hash)
     tensors = read_tensors(adapter_dir / ADAPTER_WEIGHTS)
     wrapped = apply_adapter(model, cfg)
     state = wrapped.state_dict()
@@ -277,15 +291,12 @@ def load_adapted(ckpt: str | Path, adapter: str | Path | None, *, device="cpu", 
     weights, as the engine needs: it streams each Linear's weight and knows nothing of adapters)."""
     from .checkpoint import load_checkpoint
 
+    if adapter is not None:
+        check_adapter(adapter, base_weights_hash(ckpt), merged=merged)  # before the base's weights are read
     model, tok = load_checkpoint(ckpt, device="cpu")
     if adapter is None:
         return model.to(device), tok
     model = attach_adapter(model, adapter, base_weights_hash(ckpt))
     if merged:
-        if any(isinstance(m, AdaptedLinear) for m in model.modules()):
-            raise LLMClockError(
-                f"{adapter}: a bottleneck adapter cannot run on the engine (it needs plain weights); "
-                "use LoRA or AdaLoRA, or `llmclock eval` for its language-model metrics"
-            )
         model = merge(model)
     return model.to(device).eval(), tok

@@ -16,6 +16,12 @@ DEFAULT = ChatTemplate()
 STOP = DEFAULT.stop
 
 
+def template_for(ckpt, adapter=None) -> ChatTemplate:
+    """The chat template a model speaks: its adapter's (fine-tuned on chat), else its checkpoint's,
+    else the default labels."""
+    return (ChatTemplate.load(adapter) if adapter else None) or ChatTemplate.load(ckpt) or DEFAULT
+
+
 def render(messages: list[dict], template: ChatTemplate = DEFAULT) -> str:
     """Messages [{'role', 'content'}] -> the prompt text, ending where the assistant speaks."""
     for m in messages:

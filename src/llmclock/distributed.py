@@ -257,6 +257,20 @@ _LOST = re.compile(
 )
 
 
+def leave_group() -> None:
+    """Destroy a gloo process group on the way out of a failed rank. Left to the interpreter's exit,
+    gloo's threads may still be running when the C++ runtime is torn down, and the process then
+    aborts ("terminate called without an active exception", exit status 134) instead of exiting
+    with its one-line error."""
+    import torch.distributed as dist
+
+    try:
+        if dist.is_initialized() and dist.get_backend() == "gloo":
+            dist.destroy_process_group()
+    except Exception:  # noqa: BLE001 - already failing: leaving is best effort
+        pass
+
+
 def explain_collective_failures(fn):
     """Turn a failed collective (a rank crashed, hangs or left) into one LLMClockError line.
 
@@ -268,8 +282,10 @@ def explain_collective_failures(fn):
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except RuntimeError as e:
-            if "RANK" not in os.environ or isinstance(e, LLMClockError) or not _LOST.search(str(e)):
+        except BaseException as e:
+            leave_group()
+            if not isinstance(e, RuntimeError) or "RANK" not in os.environ or isinstance(e, LLMClockError) \
+                    or not _LOST.search(str(e)):
                 raise
             first = str(e).strip().splitlines()[0][:200]
             raise LLMClockError(

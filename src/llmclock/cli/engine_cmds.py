@@ -156,15 +156,13 @@ def add_chat(sub) -> None:
 
 
 def cmd_chat(a) -> None:
-    from ..chat import chat_loop
+    from ..chat import chat_loop, template_for
 
     params = sampling(a)
     engine = _engine(a)
     if hasattr(sys.stdin, "reconfigure"):
         sys.stdin.reconfigure(errors="surrogateescape")  # bad bytes reach chat_loop, which says so
-    from ..sft import ChatTemplate
-
-    template = (ChatTemplate.load(a.adapter) if a.adapter else None) or ChatTemplate.load(a.ckpt)
+    template = template_for(a.ckpt, a.adapter)
     retrieve = None
     if a.docs:
         from ..retrieval import DocIndex

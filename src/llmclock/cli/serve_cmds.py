@@ -6,7 +6,7 @@ from ..errors import LLMClockError
 from ..server.config import KEYS_ENV, ServerConfig
 from ..server.replicas import ReplicaConfig
 from . import options
-from .common import add_device_flags, echo
+from .common import add_adapter, add_device_flags, echo
 from .options import add_config_flags, config_from_args, explicit_fields
 
 SERVER_FLAGS = {name: None for name in (
@@ -25,6 +25,7 @@ def add_serve(sub) -> None:
                        "batching, the per-cycle trace, API keys, rate limits, Prometheus /metrics and a playground "
                        "at /. Binds 127.0.0.1 unless --host says otherwise.")
     p.add_argument("--ckpt", required=True, type=options.nonempty)
+    add_adapter(p)
     p.add_argument("--model-name", dest="model_name", type=options.nonempty,
                    help="the model id clients send (default: the run directory's name)")
     g = p.add_argument_group("server")
@@ -46,7 +47,7 @@ def add_serve(sub) -> None:
 def cmd_serve(a) -> None:
     from ..server import run_server
 
-    config = config_from_args(ServerConfig, a, ckpt=a.ckpt, model_name=a.model_name, api_keys=a.api_keys,
+    config = config_from_args(ServerConfig, a, ckpt=a.ckpt, adapter=a.adapter, model_name=a.model_name, api_keys=a.api_keys,
                               api_keys_file=a.api_keys_file, cors_origins=a.cors_origins, device=a.device,
                               threads=a.threads or 0)
     keys = config.keys()  # a bad keys file is an error now, not at the first request

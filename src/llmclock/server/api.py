@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import time
 import uuid
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from ..chat import STOP as CHAT_STOP
 from ..chat import render as render_chat
 from ..errors import LLMClockError
 from .errors import APIError
@@ -20,11 +20,6 @@ from .schemas import ChatRequest, ChatResponse, CompletionRequest, CompletionRes
 from .security import redact
 
 ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 429, 503)}
-
-
-def chat_prompt(messages: list[dict]) -> tuple[str, list[str]]:
-    """The checkpoint's chat template: messages -> (prompt text, stop strings). One call, so it can switch."""
-    return render_chat(messages), list(CHAT_STOP)
 
 
 def build_router(auth) -> APIRouter:
@@ -41,41 +36,69 @@ def build_router(auth) -> APIRouter:
     async def completions(body: CompletionRequest, request: Request):
         s = request.app.state.server
         prompts = body.prompt if isinstance(body.prompt, list) and isinstance(body.prompt[0], str) else [body.prompt]
-        texts = [p if isinstance(p, str) else None for p in prompts]
-        if s.config.redact_prompts:
-            prompts = [redact(p) if isinstance(p, str) else p for p in prompts]
-        return await _serve(request, body, "completion", prompts, texts, body.max_tokens or min(16, s.config.max_tokens or 16), [],
-                            body.logprobs is not None, body.logprobs or 0)
+
+        def prepare():
+            texts = [p if isinstance(p, str) else None for p in prompts]
+            given = [redact(p) if isinstance(p, str) and s.config.redact_prompts else p for p in prompts]
+            return s.encode(given), texts
+
+        size = sum(len(p) for p in prompts if isinstance(p, str))
+        return await _serve(request, body, "completion", len(prompts), prepare, size,
+                            body.max_tokens or min(16, s.config.max_tokens or 16), [], body.logprobs is not None,
+                            body.logprobs or 0)
 
     @router.post("/v1/chat/completions", response_model=ChatResponse)
     async def chat(body: ChatRequest, request: Request):
         s = request.app.state.server
-        messages = []
-        for m in body.messages:
-            content = m.content if isinstance(m.content, str) else "".join(p.text for p in m.content or [])
-            if s.config.redact_prompts:
-                content = redact(content)
-            messages.append({"role": "system" if m.role == "developer" else m.role, "content": content})
-        prompt, stop = chat_prompt(messages)
+
+        def prepare():
+            """Messages -> the prompt in the checkpoint's (or its adapter's) chat template."""
+            messages = []
+            for m in body.messages:
+                content = m.content if isinstance(m.content, str) else "".join(p.text for p in m.content or [])
+                if s.config.redact_prompts:
+                    content = redact(content)
+                messages.append({"role": "system" if m.role == "developer" else m.role, "content": content})
+            prompt = render_chat(messages, s.template)
+            return s.encode([prompt]), [prompt]
+
         max_tokens = body.max_completion_tokens or body.max_tokens
-        return await _serve(request, body, "chat", [prompt], [prompt], max_tokens, stop, body.logprobs,
+        size = sum(len(m.content) if isinstance(m.content, str) else sum(len(p.text) for p in m.content or [])
+                   for m in body.messages)
+        return await _serve(request, body, "chat", 1, prepare, size, max_tokens, list(s.template.stop), body.logprobs,
                             (body.top_logprobs or 0) if body.logprobs else 0)
 
     return router
 
 
-async def _serve(request: Request, body, kind: str, prompts: list, texts: list, max_tokens: int | None,
+def retry_after(seconds: float) -> dict:
+    """The Retry-After header: whole seconds, at least 1."""
+    return {"Retry-After": str(max(1, math.ceil(seconds)))}
+
+
+INLINE_CHARS = 8192
+"""Prompts up to this many characters are prepared on the event loop (tens of microseconds: less than
+the hand-off to a worker thread); longer ones on a worker thread."""
+
+
+async def _serve(request: Request, body, kind: str, n_prompts: int, prepare, size: int, max_tokens: int | None,
                  extra_stop: list[str], want_logprobs: bool, top: int):
+    """`prepare()` -> (token ids of each prompt, prompt texts for the log): redaction, the chat template
+    and tokenisation; for prompts of more than INLINE_CHARS characters (`size`) on a worker thread, so
+    that a huge prompt does not hold up other streams' events."""
     s = request.app.state.server
     s.require_ready()
     if body.model is not None and body.model != s.config.model_name:
         raise APIError(404, f"The model '{body.model}' does not exist; this server serves '{s.config.model_name}'",
                        type="invalid_request_error", param="model", code="model_not_found")
     engine = s.engine
-    choices = len(prompts) * body.n
+    choices = n_prompts * body.n
     if choices > s.config.max_n:
         raise APIError(400, f"n x prompts = {choices} choices; this server allows at most {s.config.max_n}", param="n")
-    ids = [p if not isinstance(p, str) else engine.tokenizer.encode(p) for p in prompts]
+    if size <= INLINE_CHARS:
+        ids, texts = prepare()
+    else:
+        ids, texts = await asyncio.get_running_loop().run_in_executor(s.workers, prepare)
     V, ctx, cap = engine.model.config.vocab_size, engine.max_len, s.config.max_tokens
     if cap and max_tokens and max_tokens > cap:
         raise APIError(400, f"max_tokens is {max_tokens}; this server generates at most {cap} tokens per choice",
@@ -109,16 +132,16 @@ async def _serve(request: Request, body, kind: str, prompts: list, texts: list, 
             raise APIError(429, f"this request needs {usage_budget} tokens, more than the {s.config.tpm} tokens per "
                                 "minute allowed", type="rate_limit_exceeded", code="rate_limit_exceeded")
         raise APIError(429, "rate limit reached for this key; retry later", type="rate_limit_exceeded",
-                       code="rate_limit_exceeded", headers={"Retry-After": str(max(1, round(wait + 0.5)))})
+                       code="rate_limit_exceeded", headers=retry_after(wait))
     try:
         s.loop.submit(job)
     except Busy as e:
         s.metrics.rejected.labels("draining" if e.draining else "queue_full").inc()
         if e.draining:
             raise APIError(503, "the server is shutting down", type="server_unavailable",
-                           headers={"Retry-After": str(round(e.retry_after))}) from None
+                           headers=retry_after(e.retry_after)) from None
         raise APIError(429, "the server is at capacity (admission queue full); retry later",
-                       type="server_busy", code="queue_full", headers={"Retry-After": str(round(e.retry_after))}) from None
+                       type="server_busy", code="queue_full", headers=retry_after(e.retry_after)) from None
     out = Output(s, kind, job, [len(p) for p in ids], body.n, want_logprobs)
     request.state.usage = out.usage_log
     if s.config.log_prompts:
@@ -160,8 +183,8 @@ async def _stream(s, job: Job, out: Output, include_usage: bool):
             except APIError as e:  # headers are gone: say it in the stream, as OpenAI does
                 yield f"data: {json.dumps(e.body())}\n\n"
                 return
-            for chunk in chunks:
-                yield _sse(chunk, include_usage)
+            if chunks:  # one write for what one cycle brought (n > 1: a token per choice)
+                yield "".join(_sse(chunk, include_usage) for chunk in chunks)
         if include_usage:
             yield _sse(out.chunk([], usage=out.usage()), True)
         yield "data: [DONE]\n\n"

@@ -32,8 +32,15 @@ ROUTES = ("/", "/health", "/ready", "/metrics", "/v1/models", "/v1/completions",
 class Server:
     """What the routes share: config, engine loop, metrics, key checker, rate limiter."""
 
-    def __init__(self, config: ServerConfig, model=None, tokenizer=None, access_log: logging.Logger | None = None):
+    def __init__(self, config: ServerConfig, model=None, tokenizer=None, access_log: logging.Logger | None = None,
+                 template=None):
+        from concurrent.futures import ThreadPoolExecutor
+
         self.config, self.model, self.tokenizer = config, model, tokenizer
+        self.template = template
+        """The chat template (sft.ChatTemplate): given, else the adapter's or the checkpoint's, else the default."""
+        self.workers = ThreadPoolExecutor(2, thread_name_prefix="llmclock-prompt")
+        """Redaction, chat templates and tokenisation run here, off the event loop."""
         self.keys = KeyChecker(config.keys())
         self.limiter = RateLimiter(config.rpm, config.tpm)
         self.metrics = Metrics()
@@ -41,6 +48,8 @@ class Server:
         self.load_error: str | None = None
         self.created = int(time.time())
         self.access = access_log or logging.getLogger(ACCESS_LOG)
+        self.gather_metrics = None
+        """Set on Ray Serve replicas: an async function returning every replica's metrics (Prometheus text)."""
         self.on_fail = None
         """Called (from the loading thread) when the model cannot be loaded; run_server stops uvicorn."""
 
@@ -53,12 +62,16 @@ class Server:
         try:
             if self.config.threads:
                 torch.set_num_threads(self.config.threads)
-            if self.model is None:
-                from ..checkpoint import load_checkpoint
-
+            if self.model is None:  # the same loading as `llmclock generate --adapter`: LoRA folded in
+                from ..adapters import load_adapted
                 from ..config import resolve_device
 
-                self.model, self.tokenizer = load_checkpoint(self.config.ckpt, device=resolve_device(self.config.device))
+                self.model, self.tokenizer = load_adapted(self.config.ckpt, self.config.adapter,
+                                                          device=resolve_device(self.config.device), merged=True)
+            if self.template is None:
+                from ..chat import DEFAULT, template_for
+
+                self.template = template_for(self.config.ckpt, self.config.adapter) if self.config.ckpt else DEFAULT
             engine = Engine(self.model, self.tokenizer, slots=self.config.slots)
             self.loop = EngineLoop(engine, self.metrics, queue=self.config.queue, threads=self.config.threads)
             self.loop.start()
@@ -69,6 +82,12 @@ class Server:
             logging.getLogger("llmclock.server").error("cannot load the model: %s", e)
             if self.on_fail is not None:
                 self.on_fail()
+
+    def encode(self, prompts: list) -> list[list[int]]:
+        """Token ids of each prompt (texts encoded in one batch, which releases the GIL; id lists kept)."""
+        texts = [p for p in prompts if isinstance(p, str)]
+        encoded = iter(self.engine.tokenizer.encode_batch(texts) if texts else [])
+        return [next(encoded) if isinstance(p, str) else p for p in prompts]
 
     def require_ready(self) -> None:
         if self.engine is None:
@@ -179,13 +198,15 @@ class Gate:
 
 
 def create_app(config: ServerConfig | None = None, *, model=None, tokenizer=None,
-               access_log: logging.Logger | None = None) -> FastAPI:
-    """A new app with its own engine, metrics and limits. Give `model` and `tokenizer`, or config.ckpt.
-    Access-log lines (JSON) go to `access_log`, by default the logger named llmclock.server.access."""
+               access_log: logging.Logger | None = None, template=None) -> FastAPI:
+    """A new app with its own engine, metrics and limits. Give `model` and `tokenizer`, or config.ckpt
+    (and config.adapter). Chat uses `template` (an sft.ChatTemplate), else the one config.adapter or
+    config.ckpt stores, else the default. Access-log lines (JSON) go to `access_log`, by default the
+    logger named llmclock.server.access."""
     config = config or ServerConfig()
     if model is None and not config.ckpt:
         raise LLMClockError("serve: give a checkpoint (--ckpt) or a model")
-    server = Server(config, model, tokenizer, access_log)
+    server = Server(config, model, tokenizer, access_log, template)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -193,6 +214,7 @@ def create_app(config: ServerConfig | None = None, *, model=None, tokenizer=None
         yield
         if server.loop is not None:
             server.loop.stop()
+        server.workers.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="llmclock", version=_version(), lifespan=lifespan,
                   description="OpenAI-compatible completions on llmclock's clocked engine, with per-cycle traces.")
@@ -220,8 +242,10 @@ def create_app(config: ServerConfig | None = None, *, model=None, tokenizer=None
         return {"status": "ready", "model": config.model_name, "slots": config.slots}
 
     @app.get("/metrics", include_in_schema=False)
-    def metrics():
+    async def metrics():
         data, ctype = server.metrics.render()
+        if server.gather_metrics is not None:  # a Ray Serve replica: every replica's, labelled
+            data = await server.gather_metrics()
         return Response(data, media_type=ctype)
 
     if config.cors_origins:

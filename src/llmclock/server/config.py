@@ -20,6 +20,8 @@ class ServerConfig:
 
     ckpt: str | None = None
     """Checkpoint directory to serve (loaded in the background at start-up; /ready says when)."""
+    adapter: str | None = None
+    """A LoRA/AdaLoRA adapter directory (`llmclock finetune`) for ckpt, folded into its weights at load."""
     model_name: str | None = None
     """The model id in /v1/models and responses; default: the checkpoint directory's name."""
     host: str = "127.0.0.1"
@@ -66,9 +68,24 @@ class ServerConfig:
         check_ranges(self, "serve")
         if self.redact_prompts:
             self.redact = True
-        if self.model_name is None:  # runs/demo/ckpt -> "demo"
-            path = Path(self.ckpt).absolute() if self.ckpt else None
+        if self.model_name is None:  # runs/demo/ckpt -> "demo"; with an adapter, the adapter's run
+            source = self.adapter or self.ckpt
+            path = Path(source).absolute() if source else None
             self.model_name = "llmclock" if path is None else path.parent.name if path.name == "ckpt" else path.name
+
+    def check_files(self) -> None:
+        """Refuse, in one line and before anything starts, a missing or broken checkpoint, an adapter
+        that is not for it (or cannot be folded into it), and a broken chat template."""
+        from ..adapters import base_weights_hash, check_adapter
+        from ..chat import template_for
+        from ..checkpoint import read_config
+
+        if not self.ckpt:
+            raise LLMClockError("serve: give a checkpoint (--ckpt)")
+        read_config(Path(self.ckpt))
+        if self.adapter:
+            check_adapter(self.adapter, base_weights_hash(self.ckpt), merged=True)
+        template_for(self.ckpt, self.adapter)
 
     def keys(self) -> list[str]:
         """Every API key configured, from all three sources; empty means no authentication."""

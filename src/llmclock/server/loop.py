@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import heapq
 import threading
 import time
 from dataclasses import dataclass, field
@@ -45,6 +46,8 @@ class Job:
     t_submit: float = 0.0
     last: list[float] = field(default_factory=list)
     """Per choice: when its latest token was delivered (0 before the first)."""
+    tokens: list[int] = field(default_factory=list)
+    """Per choice: tokens delivered so far."""
     open: int = 0
     """Choices not yet finished."""
 
@@ -65,6 +68,12 @@ class EngineLoop:
         self._ids = 0
         self._tracer = None
         self._trace_top_n = trace_top_n
+        self._cycle_s: float | None = None
+        """Seconds per busy cycle (moving average), for Retry-After."""
+        self._mean_len: float | None = None
+        """Tokens per finished sequence (moving average), for Retry-After."""
+        self._outlook: tuple[list[int], list[int]] = ([], [])
+        """(cycles left of each running sequence, expected cycles of each waiting one), after the last cycle."""
         self._thread = threading.Thread(target=self._run, name="llmclock-engine", daemon=True)
         if metrics is not None:
             metrics.slots.set(engine.slots)
@@ -93,12 +102,12 @@ class EngineLoop:
             if self.draining or self._stop:
                 raise Busy(5.0, draining=True)
             if self._inflight + k > self.capacity:
-                raise Busy(self._retry_after())
+                raise Busy(self._retry_after(k))
             self._inflight += k
             job.ids = [f"r{self._ids + i}" for i in range(k)]
             self._ids += k
             job.queue, job.aloop = asyncio.Queue(), asyncio.get_running_loop()
-            job.t_submit, job.last, job.open = time.monotonic(), [0.0] * k, k
+            job.t_submit, job.last, job.tokens, job.open = time.monotonic(), [0.0] * k, [0] * k, k
             self._inbox.append(("add", job))
             self._wake.notify()
         return job
@@ -109,9 +118,23 @@ class EngineLoop:
             self._inbox.append(("abort", job))
             self._wake.notify()
 
-    def _retry_after(self) -> float:
-        # a full queue drains at roughly one slot's worth of sequences per request duration
-        return 1.0
+    def _retry_after(self, k: int) -> float:
+        """Seconds until `k` more sequences would be admitted (call holding the lock): the cycles until
+        enough in-flight sequences finish, times the measured cycle time."""
+        running, waiting = self._outlook
+        waiting = waiting + [self._expected(p.max_new_tokens, 0) for op, job in self._inbox if op == "add"
+                             for p in job.params]
+        need = self._inflight + k - self.capacity
+        cycles = cycles_until(need, running, waiting, self.engine.slots)
+        return cycles * (self._cycle_s or 1.0)
+
+    def _expected(self, max_new: int, done: int) -> int:
+        """Cycles a sequence that has made `done` of at most `max_new` tokens still needs: up to the mean
+        length of the sequences finished so far (at least one more cycle), never beyond `max_new`."""
+        left = max_new - done
+        if self._mean_len is not None:
+            left = min(left, max(1, round(self._mean_len) - done))
+        return max(1, left)
 
     # ------------------------------------------------------------------ the engine thread
 
@@ -134,6 +157,7 @@ class EngineLoop:
             if not eng.has_work():
                 continue
             self._attach_tracer()
+            t0 = time.perf_counter()
             try:
                 events = eng.step()
             except Exception as e:  # noqa: BLE001 - the engine thread must outlive one bad cycle
@@ -141,6 +165,7 @@ class EngineLoop:
                 continue
             self._deliver(events, self._take_records())
             self._attach_tracer()  # detach once the last traced job is done
+            self._measure(time.perf_counter() - t0)
         self._fail_all("the server is shutting down", 503)
 
     def _admit(self, job: Job) -> None:
@@ -168,6 +193,15 @@ class EngineLoop:
     def _release(self, k: int) -> None:
         with self._lock:
             self._inflight -= k
+
+    def _measure(self, dt: float) -> None:
+        """After a cycle: its duration into the average, and what is left of each sequence in flight."""
+        self._cycle_s = dt if self._cycle_s is None else 0.8 * self._cycle_s + 0.2 * dt
+        eng = self.engine
+        running = [self._expected(s.params.max_new_tokens, len(s.output_ids)) for s in eng.running.values()]
+        waiting = [self._expected(s.params.max_new_tokens, 0) for s in eng.waiting]
+        with self._lock:
+            self._outlook = (running, waiting)
 
     def _gauges(self) -> None:
         if self.metrics is not None:
@@ -204,15 +238,17 @@ class EngineLoop:
             if m is not None:
                 (m.itl if job.last[i] else m.ttft).observe(now - (job.last[i] or job.t_submit))
             job.last[i] = now
+            job.tokens[i] += 1
             rec = records.get(ev.request_id) if job.trace else None
             per_job.setdefault(id(job), (job, []))[1].append(("event", i, ev, rec))
             if ev.finish_reason is not None:
                 del self._jobs[ev.request_id]
                 self._release(1)
+                n = job.tokens[i]
+                self._mean_len = n if self._mean_len is None else 0.9 * self._mean_len + 0.1 * n
         if m is not None:
             m.tokens(len(events), now)
-        for job, items in per_job.values():
-            self._post(job, items)
+        self._post_all(per_job.values())
         self._gauges()
 
     def _fail_all(self, message: str, status: int) -> None:
@@ -229,10 +265,44 @@ class EngineLoop:
 
     @staticmethod
     def _post(job: Job, items: list) -> None:
-        try:
-            job.aloop.call_soon_threadsafe(job.queue.put_nowait, items)
-        except RuntimeError:
-            pass  # its event loop has closed: nobody is listening
+        EngineLoop._post_all([(job, items)])
+
+    @staticmethod
+    def _post_all(deliveries) -> None:
+        """Hand each job its items: one wake-up of each event loop per cycle, not one per job."""
+        by_loop: dict[int, tuple[asyncio.AbstractEventLoop, list]] = {}
+        for job, items in deliveries:
+            by_loop.setdefault(id(job.aloop), (job.aloop, []))[1].append((job.queue, items))
+        for aloop, batch in by_loop.values():
+            try:
+                aloop.call_soon_threadsafe(_put_all, batch)
+            except RuntimeError:
+                pass  # its event loop has closed: nobody is listening
+
+
+def _put_all(batch: list) -> None:
+    for queue, items in batch:
+        queue.put_nowait(items)
+
+
+def cycles_until(need: int, running: list[int], waiting: list[int], slots: int) -> int:
+    """Clock cycles until `need` sequences have finished, when the running ones need `running` more
+    cycles each and the waiting ones (in order) take the slots as they free up, needing `waiting`
+    cycles each (prefill included). Beyond everything known, one more sequence per slot-round."""
+    if need <= 0:
+        return 0
+    free = sorted(running) + [0] * max(0, slots - len(running))  # when each slot is next free
+    heapq.heapify(free)
+    done = list(running)
+    for cycles in waiting:
+        t = heapq.heappop(free) + cycles
+        done.append(t)
+        heapq.heappush(free, t)
+    done.sort()
+    if need <= len(done):
+        return done[need - 1]
+    last = done[-1] if done else 0
+    return last + 1 + (need - len(done) - 1) // max(1, slots)
 
 
 def choice_params(params, n: int) -> list:

@@ -53,3 +53,26 @@ class Metrics:
 
         self.tokens(0)  # let the rate decay when nothing is generated
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+def merge(texts: dict[str, bytes | str], label: str = "replica") -> bytes:
+    """Several exports (Prometheus text) in one, each sample labelled with its source's name: how
+    one replica answers /metrics for all of them (`sum by` in PromQL adds them up again)."""
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.metrics_core import Metric
+    from prometheus_client.parser import text_string_to_metric_families
+
+    families: dict[str, Metric] = {}
+    for source, text in sorted(texts.items()):
+        text = text.decode() if isinstance(text, bytes) else text
+        for fam in text_string_to_metric_families(text):
+            out = families.setdefault(fam.name, Metric(fam.name, fam.documentation, fam.type, fam.unit))
+            out.samples += [s._replace(labels={**s.labels, label: source}) for s in fam.samples]
+
+    class Collected:
+        def collect(self):
+            return list(families.values())
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(Collected())
+    return generate_latest(registry)

@@ -6,7 +6,11 @@ Each replica builds `create_app(config)` itself (the app, its engine and its con
 live in the replica's process), and only counts as started once its model is loaded, so Ray's proxy
 never routes a request to a replica that would answer 503. Ray Serve adds and removes replicas to keep
 about `target_ongoing_requests` requests in flight per replica. Endpoints, API keys and streaming are
-the app's; /metrics and rate limits are per replica (the replica that answers).
+the app's; rate limits are per replica.
+
+/metrics answers for every replica, whichever one Ray's proxy picks: each replica pushes its own
+export to a small named actor (the hub) every PUSH_S seconds, and the one answering merges the
+others' latest with its own, every sample labelled `replica="<Ray's replica id>"`.
 """
 
 from __future__ import annotations
@@ -22,6 +26,77 @@ from ..errors import LLMClockError
 from .config import ServerConfig
 
 DEPLOYMENT = "llmclock"
+HUB, HUB_NAMESPACE = "llmclock-metrics", "llmclock"
+PUSH_S = 1.0
+"""Seconds between two pushes of a replica's metrics to the hub."""
+
+
+class MetricsHub:
+    """Each replica's latest /metrics export; one that stops pushing (killed) is forgotten."""
+
+    def __init__(self):
+        self.texts: dict[str, tuple[bytes, float]] = {}
+
+    def put(self, replica: str, text: bytes) -> None:
+        self.texts[replica] = (text, time.monotonic())
+
+    def drop(self, replica: str) -> None:
+        self.texts.pop(replica, None)
+
+    def all(self) -> dict[str, bytes]:
+        now = time.monotonic()
+        self.texts = {r: (t, at) for r, (t, at) in self.texts.items() if now - at < 10 * PUSH_S}
+        return {r: t for r, (t, _) in self.texts.items()}
+
+
+def _hub():
+    import ray
+
+    return ray.remote(num_cpus=0)(MetricsHub).options(name=HUB, namespace=HUB_NAMESPACE, get_if_exists=True,
+                                                      lifetime="detached").remote()
+
+
+def _replica_id() -> str:
+    from ray import serve
+
+    return serve.get_replica_context().replica_id.unique_id
+
+
+@asynccontextmanager
+async def _metrics_for_all(server):
+    """While the replica runs: push its metrics to the hub, and answer /metrics with every replica's."""
+    from .metrics import merge
+
+    hub, me = [_hub()], _replica_id()
+
+    async def push():
+        while True:
+            try:
+                await hub[0].put.remote(me, server.metrics.render()[0])
+            except Exception:  # noqa: BLE001 - the hub died: make (or find) another
+                hub[0] = _hub()
+            await asyncio.sleep(PUSH_S)
+
+    async def gather() -> bytes:
+        mine = server.metrics.render()[0]
+        try:
+            hub[0].put.remote(me, mine)
+            others = await hub[0].all.remote()
+        except Exception:  # noqa: BLE001 - no hub right now: this replica's own, still labelled
+            others = {}
+        return merge({**others, me: mine})
+
+    task = asyncio.create_task(push())
+    server.gather_metrics = gather
+    try:
+        yield
+    finally:
+        task.cancel()
+        server.gather_metrics = None
+        try:
+            await hub[0].drop.remote(me)
+        except Exception:  # noqa: BLE001 - the hub is gone already
+            pass
 
 
 @dataclass
@@ -85,7 +160,8 @@ def app_builder(config: ServerConfig):
                     if server.load_error:
                         raise LLMClockError(f"serve: cannot load the model: {server.load_error}")
                     await asyncio.sleep(0.05)
-                yield state
+                async with _metrics_for_all(server):
+                    yield state
 
         app.router.lifespan_context = lifespan
         return app
@@ -111,11 +187,7 @@ def deployment(config: ServerConfig, replicas: ReplicaConfig):
 
 def start(config: ServerConfig, replicas: ReplicaConfig, *, blocking: bool = False):
     """Start (or join) Ray, its HTTP proxy on config.host:config.port, and the deployment; returns its handle."""
-    from pathlib import Path
-
-    from ..checkpoint import read_config
-
-    read_config(Path(config.ckpt or ""))  # a missing or broken checkpoint fails here, before Ray starts
+    config.check_files()  # a missing or broken checkpoint or a wrong adapter fails here, before Ray starts
     try:
         import ray
         from ray import serve
@@ -153,8 +225,12 @@ def stop(*, local: bool = True) -> None:
     if local:
         serve.shutdown()
         ray.shutdown()
-    else:
-        serve.delete(DEPLOYMENT)
+        return
+    serve.delete(DEPLOYMENT)
+    try:
+        ray.kill(ray.get_actor(HUB, namespace=HUB_NAMESPACE))
+    except ValueError:  # no hub: no replica ever started
+        pass
 
 
 def serve_forever(config: ServerConfig, replicas: ReplicaConfig, echo=None) -> None:

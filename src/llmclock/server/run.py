@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import socket
 import sys
-from pathlib import Path
 
 from ..errors import LLMClockError
 from .app import ACCESS_LOG, create_app
@@ -72,11 +71,7 @@ def run_server(config: ServerConfig, *, model=None, tokenizer=None, echo=None) -
     import uvicorn
 
     if model is None:
-        from ..checkpoint import read_config
-
-        if not config.ckpt:
-            raise LLMClockError("serve: give a checkpoint (--ckpt)")
-        read_config(Path(config.ckpt))  # a missing or broken checkpoint fails here, in one line
+        config.check_files()  # a missing or broken checkpoint, or a wrong adapter, fails here in one line
     app = create_app(config, model=model, tokenizer=tokenizer)
     server_state = app.state.server
     configure_logging(config)
