@@ -248,6 +248,9 @@ def test_head_pruning_shrinks_and_runs_everywhere(ckpt, data_dir, tmp_path, caps
     assert "test: loss" in text
     cli(capsys, "trace", "--ckpt", out, "--prompt", "All", "--prompt", "Sp", "--out", tmp_path / "tr", "--max-new-tokens", "4")
     assert len((tmp_path / "tr" / "trace.jsonl").read_text().splitlines()) > 4
+    # GPT-2's format has one head count for every layer: export is refused, nothing written
+    one_line_error(cli(capsys, "export-hf", out, tmp_path / "hf", "--dequantize", ok=False)[2], "heads pruned per layer")
+    assert not (tmp_path / "hf").exists()
 
 
 def test_head_choice_global_with_one_per_layer():
