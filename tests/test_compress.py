@@ -76,7 +76,8 @@ def test_kernel_equals_torch_fallback(scheme, group, n):
     assert f.packed is not None
     for rows in (1, 3, 5, 8):
         x = torch.randn(rows, 256)
-        ref = m(x)  # torch: dequantize, then F.linear
+        ref = m.reference(x)  # torch: dequantize, then F.linear
+        torch.testing.assert_close(m(x), ref, atol=1e-5, rtol=1e-5)  # forward: the kernel up to KERNEL_ROWS rows
         torch.testing.assert_close(f(x), ref, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(f(x, gelu=True), F.gelu(ref, approximate="tanh"), atol=1e-5, rtol=1e-5)
         acc = torch.randn(rows, n)
