@@ -244,6 +244,10 @@ def test_head_pruning_shrinks_and_runs_everywhere(ckpt, data_dir, tmp_path, caps
     # the engine's KV cache holds each layer's own head count, and greedy decoding == full forward argmax
     eng = Engine(after, tok, slots=2)
     assert [k.size(1) for k in eng.cache.k] == comp["heads"]
+    hs_bytes = 2 * sum(comp["heads"]) * hs * 4 * eng.cache.slots * eng.cache.max_len  # k and v, fp32
+    assert eng.runner.memory()["kv cache"] == hs_bytes
+    if mode is False and scheme == "int8":  # kernel mode: the decode plan's packed int8 panels are counted
+        assert eng.runner.memory()["packed copies"] > 0
     engine_matches_forward(after, tok)
     _, text, _ = cli(capsys, "eval", "--ckpt", out, "--data", data_dir, "--batches", "2", "--block-size", "32")
     assert "test: loss" in text

@@ -212,7 +212,9 @@ class ModelRunner:
     def memory(self) -> dict[str, int]:
         """Bytes decoding holds: the model's weights, the packed copies of its linears, the KV cache."""
         linears = [f for layer in self.plan.layers for f in (layer.c_attn, layer.attn_proj, layer.c_fc, layer.mlp_proj)]
-        packed = sum(f.packed.nbytes for f in linears + [self.plan.head] if f.packed is not None)
+        parts = [t for f in linears + [self.plan.head] if f.packed is not None
+                 for t in (f.packed if isinstance(f.packed, tuple) else (f.packed,)) if t is not None]
+        packed = sum(t.nbytes for t in {id(t): t for t in parts}.values())  # quantized: (panels, scales)
         weights = sum(p.nbytes for p in self.model.parameters())  # the tied head counted once
         return {"weights": weights, "packed copies": packed, "kv cache": self.cache.nbytes}
 
