@@ -5,9 +5,10 @@
              data="runs/.cache/data")
 
 The steps run in this order on a fp32 model: structured attention-head pruning, then structured MLP
-pruning (each with importance measured on the calibration split), magnitude pruning, the optional recovery fine-tune, quantization; then the checkpoint is
-written atomically (see compress/model.py for its layout). Nothing here touches model.py: layers
-are rewritten or swapped (gpt-fast's quantize.py).
+pruning (each with importance measured on the calibration split), magnitude pruning, the optional
+recovery fine-tune, quantization; then the checkpoint is written atomically (see compress/model.py
+for its layout). Nothing here touches model.py: layers are rewritten or swapped (gpt-fast's
+quantize.py).
 """
 
 from __future__ import annotations
@@ -76,7 +77,8 @@ class CompressConfig:
         return bool(self.prune_mlp or self.prune_heads or self.recover_steps)
 
 
-PRUNE_KINDS = {"mlp": ("prune_mlp", None), "heads": ("prune_heads", None), "magnitude": ("sparsity", "layer"), "magnitude-global": ("sparsity", "global")}
+PRUNE_KINDS = {"mlp": ("prune_mlp", None), "heads": ("prune_heads", None), "magnitude": ("sparsity", "layer"),
+               "magnitude-global": ("sparsity", "global")}
 
 
 def parse_prune(specs: list[str]) -> dict:

@@ -19,7 +19,8 @@ A fraction of all the model's heads is removed at once, the least important over
 (heads of different layers write to the same residual stream, so their scores compare), except
 that each layer keeps its own best head; so layers end with different head counts. c_attn loses
 the removed heads' q, k and v rows and c_proj their columns (compress.model.HeadPrunedAttention),
-and the engine's KV cache holds only the kept heads. An optional short fine-tune (AdamW on the train split) recovers some quality.
+and the engine's KV cache holds only the kept heads. An optional short fine-tune (AdamW on the
+train split) recovers some quality.
 """
 
 from __future__ import annotations

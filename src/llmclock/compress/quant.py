@@ -14,8 +14,9 @@ A `QuantLinear` replaces an nn.Linear (gpt-fast's quantize.py: swap the module, 
 file). Its `reference` forward is torch ops (dequantize, then F.linear), correct on any device;
 `forward` runs the compiled kernel instead for up to KERNEL_ROWS fp32 CPU rows without autograd (a
 prompt's prefill: streaming the packed bytes a few times beats writing the whole fp32 weight, by
-~3x for int8 and more for int4), `reference` otherwise; `decode_linear()` gives the engine a function with kernels.make_linear's signature that runs the
-compiled kernel of csrc/quant.cpp, which streams the packed bytes once and dequantizes in registers.
+~3x for int8 and more for int4), `reference` otherwise; `decode_linear()` gives the engine a
+function with kernels.make_linear's signature that runs the compiled kernel of csrc/quant.cpp,
+which streams the packed bytes once and dequantizes in registers.
 """
 
 from __future__ import annotations

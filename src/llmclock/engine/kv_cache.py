@@ -1,8 +1,9 @@
 """The registers: a preallocated KV cache of `slots` sequences, written by position.
 
 One tensor per layer of shape (slots, n_head, max_len, head_size) for keys and one for values,
-allocated once (n_head may differ per layer: a model with attention heads pruned). A tick writes one position per slot in place; a prefill writes a run of
-positions per slot; nothing grows, and a freed slot is simply overwritten by its next sequence.
+allocated once (n_head may differ per layer: a model with attention heads pruned). A tick writes
+one position per slot in place; a prefill writes a run of positions per slot; nothing grows, and a
+freed slot is simply overwritten by its next sequence.
 """
 
 from __future__ import annotations
