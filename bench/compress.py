@@ -1,7 +1,9 @@
 """Compression: decode speed of fp32 / bf16 / int8 / int4 against each one's memory roofline, and
-what each scheme and 25% structured MLP pruning cost in perplexity on a small trained model.
+what each scheme and 25% structured MLP (and attention-head) pruning cost in perplexity on a small
+trained model.
 
     python bench/compress.py [--threads 2] [--rounds 2] [--new-tokens 128] [--data TEXT] [--train-steps 1500]
+    python bench/compress.py --quick     # a short end-to-end check (1 round, 8 tokens, 60 train steps): not a result
 
 Speed: GPT-2 124M shape (random init, tied head), prompt 16 tokens, --new-tokens (128) greedy new tokens at
 batch 1 and 8, every variant in this process, interleaved round by round (best round kept). Each
@@ -9,12 +11,15 @@ cycle must read every weight byte it decodes with once (the token and position t
 each), so a variant's roofline is measured bandwidth / its bytes per cycle (weights, scales,
 biases, norms); `roofline` is its batch-1 cycles/s over that ceiling. The read bandwidth is
 measured in the same run as bench/decode.py measures it. "prune25" is the fp32 model with every
-MLP 25% narrower (neurons chosen by importance on random tokens: speed does not depend on which).
+MLP 25% narrower (neurons chosen by importance on random tokens: speed does not depend on which);
+"heads25" the fp32 model with 25% of its 144 attention heads removed (chosen the same way, so layers
+keep different head counts; the KV cache shrinks with them).
 
 Quality: nanoGPT's char-level Shakespeare model (4 layers, 4 heads, 128 wide, block 64) trained
 with `llmclock train` for --train-steps steps, then perplexity on the same fixed val windows for
-fp32, each scheme (int4: group 32), and 25% structured MLP pruning (calibration on val batches
-apart from the evaluated ones, no recovery fine-tune; and with a 200-step one).
+fp32, each scheme (int4: group 32), 25% structured MLP pruning and 25% attention-head pruning
+(calibration on val batches apart from the evaluated ones, no recovery fine-tune; and with a 200-step
+one).
 Last line:
     RESULT bf16_b1_roofline=<f> int8_b1_roofline=<f> int4_vs_int8=<x> int8_ppl_increase=<f>
            int4_ppl_increase=<f> prune25_speedup=<x>
@@ -34,7 +39,7 @@ from pathlib import Path
 import torch
 
 from llmclock.compress.model import quantize_model
-from llmclock.compress.prune import mlp_importance, prune_mlp, recover
+from llmclock.compress.prune import head_importance, mlp_importance, prune_heads, prune_mlp, recover
 from llmclock.config import preset
 from llmclock.engine import Engine, SamplingParams
 from llmclock.engine.kernels import measure_bandwidth
@@ -76,10 +81,16 @@ def speed(args) -> dict:
     pruned = copy.deepcopy(base)
     prune_mlp(pruned, 0.25, mlp_importance(pruned, [calib]))
     variants["prune25"] = pruned
+    headless = copy.deepcopy(base)
+    heads = prune_heads(headless, 0.25, head_importance(headless, [calib]))
+    print(f"heads25: heads per layer {heads}")
+    variants["heads25"] = headless
     prompts = {b: torch.randint(50000, (b, PROMPT), generator=g).tolist() for b in (1, 8)}
     # one engine per variant (8 slots; batch 1 runs one of them): each packs its weights once
     engines = {k: Engine(m, None, slots=8, max_len=PROMPT + args.new_tokens) for k, m in variants.items()}
     nbytes = {k: decode_bytes(m) for k, m in variants.items()}
+    for e in engines.values():  # warm-up: first-call costs (lazy packing, allocator, thread pool) not timed
+        tokens_per_s(e, prompts[8], 2)
     best = {(k, b): 0.0 for k in variants for b in (1, 8)}
     bw = 0.0
     for r in range(args.rounds):
@@ -137,8 +148,18 @@ def _quality(args, work: Path) -> dict:
     prune_mlp(pruned, 0.25, mlp_importance(pruned, [x[i : i + 8] for i in range(0, len(x), 8)]))
     res["prune25"] = ppl(pruned)
     with torch.enable_grad():
-        recover(pruned, TokenData(data).tokens("train"), steps=200, batch_size=12, block_size=64, lr=3e-4)
-    res["prune25+200 steps"] = ppl(pruned)
+        recover(pruned, TokenData(data).tokens("train"), steps=args.recover_steps, batch_size=12, block_size=64,
+                lr=3e-4)
+    res[f"prune25+{args.recover_steps} steps"] = ppl(pruned)
+    calib = [x[i : i + 8] for i in range(0, len(x), 8)]
+    headless = copy.deepcopy(model)
+    heads = prune_heads(headless, 0.25, head_importance(headless, calib))
+    print(f"heads25: heads per layer {heads}")
+    res["heads25"] = ppl(headless)
+    with torch.enable_grad():
+        recover(headless, TokenData(data).tokens("train"), steps=args.recover_steps, batch_size=12, block_size=64,
+                lr=3e-4)
+    res[f"heads25+{args.recover_steps} steps"] = ppl(headless)
     print(f"{'variant':<20}{'val ppl':>9}{'vs fp32':>9}")
     for k, v in res.items():
         print(f"{k:<20}{v:>9.4f}{v / res['fp32'] - 1:>+9.2%}")
@@ -154,9 +175,14 @@ def main() -> None:
     ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"))
     ap.add_argument("--train-steps", type=int, default=1500)
     ap.add_argument("--eval-batches", type=int, default=60)
+    ap.add_argument("--recover-steps", type=int, default=200, help="recovery fine-tune steps after pruning")
+    ap.add_argument("--quick", action="store_true",
+                    help="a short end-to-end check: 1 round, 8 new tokens, 60 train steps, 4 eval batches, 10 recovery steps")
     ap.add_argument("--speed-only", action="store_true", help="skip training and the perplexity part")
     ap.add_argument("--quality-only", action="store_true", help="skip the GPT-2 124M speed part")
     args = ap.parse_args()
+    if args.quick:
+        args.rounds, args.new_tokens, args.train_steps, args.eval_batches, args.recover_steps = 1, 8, 60, 4, 10
     torch.set_num_threads(args.threads)
     from llmclock.compress.quant import get_lib
 
@@ -172,6 +198,8 @@ def main() -> None:
         r |= {"int8_ppl_increase": q["int8"] / q["fp32"] - 1, "int4_ppl_increase": q["int4"] / q["fp32"] - 1}
     if not args.quality_only:
         r["prune25_speedup"] = s["prune25"]["b1"] / s["fp32"]["b1"]
+        print(f"heads25: b1 {s['heads25']['b1'] / s['fp32']['b1']:.2f}x fp32"
+              + (f", val ppl {q['heads25'] / q['fp32'] - 1:+.2%}" if not args.speed_only else ""))
     print("RESULT " + " ".join(f"{k}={v:.4f}" for k, v in r.items()))
 
 

@@ -76,7 +76,8 @@ def test_kernel_equals_torch_fallback(scheme, group, n):
     assert f.packed is not None
     for rows in (1, 3, 5, 8):
         x = torch.randn(rows, 256)
-        ref = m(x)  # torch: dequantize, then F.linear
+        ref = m.reference(x)  # torch: dequantize, then F.linear
+        torch.testing.assert_close(m(x), ref, atol=1e-5, rtol=1e-5)  # forward: the kernel up to KERNEL_ROWS rows
         torch.testing.assert_close(f(x), ref, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(f(x, gelu=True), F.gelu(ref, approximate="tanh"), atol=1e-5, rtol=1e-5)
         acc = torch.randn(rows, n)
@@ -182,7 +183,9 @@ BAD = [
     (["--prune", "magnitude:1.0"], "sparsity must be in [0, 1)"),
     (["--prune", "mlp:-0.1"], "must be in [0, 1)"),
     (["--prune", "mlp:0.5"], "need --data"),
-    (["--prune", "heads:0.5"], "kind must be one of"),
+    (["--prune", "neurons:0.5"], "kind must be one of"),
+    (["--prune", "heads:1.0"], "head pruning fraction must be in [0, 1)"),
+    (["--prune", "heads=0.8"], "would remove all heads of a layer"),
     (["--scheme", "fp32"], "would change nothing"),
     (["--device", "mps"], "run on cpu or cuda"),
 ]
@@ -193,6 +196,80 @@ def test_bad_input_one_line(ckpt, tmp_path, capsys, args, needle):
     one_line_error(cli(capsys, "compress", "--ckpt", ckpt, "--out", tmp_path / "out", *args, "--no-report", ok=False)[2],
                    needle)
     assert not (tmp_path / "out").exists()
+
+
+def engine_matches_forward(model, tok, prompts=("First", "All:\nSp", "Be"), new=8):
+    """Greedy engine completions (3 slots, tick kernels or fallback) == argmax of a full forward, logprobs too."""
+    eng = Engine(model, tok, slots=3)
+    done = eng.complete(list(prompts), SamplingParams(max_new_tokens=new, temperature=0, ignore_eos=True))
+    for c in done:
+        ids = torch.tensor([c.prompt_ids + c.token_ids])
+        with torch.no_grad():
+            logits = model(ids)[0][0].float()  # (T, V)
+        n = len(c.prompt_ids)
+        assert c.token_ids == logits[n - 1 : -1].argmax(-1).tolist()
+        lp = torch.log_softmax(logits, -1)
+        assert c.logprobs == pytest.approx([lp[n - 1 + i, t].item() for i, t in enumerate(c.token_ids)], abs=2e-4)
+
+
+@pytest.mark.parametrize("scheme", ["fp32", "int8"])
+def test_head_pruning_shrinks_and_runs_everywhere(ckpt, data_dir, tmp_path, capsys, mode, scheme):
+    """heads:0.25 of the tiny model's 2 x 2 heads removes the least important one: one layer keeps 2,
+    the other 1, so the matrices, the KV cache and the checkpoint hold per-layer head counts."""
+    out = tmp_path / "heads"
+    cli(capsys, "compress", "--ckpt", ckpt, "--out", out, "--scheme", scheme, "--prune", "heads:0.25", "--data", data_dir,
+        "--block-size", "32", "--calib-batches", "2", "--no-report")
+    comp = json.loads((out / "config.json").read_text())["compression"]
+    assert sorted(comp["heads"]) == [1, 2]
+    before, _ = load_checkpoint(ckpt)
+    after, tok = load_checkpoint(out)
+    hs = after.config.head_size
+    for b, nh in zip(after.transformer.h, comp["heads"]):
+        assert b.attn.n_head == nh and b.attn.c_attn.out_features == 3 * nh * hs
+        assert b.attn.c_proj.in_features == nh * hs
+    if scheme == "fp32":
+        attn = lambda m: sum(p.numel() for b in m.transformer.h for p in b.attn.parameters())  # noqa: E731
+        C = before.config.n_embd
+        assert attn(before) - attn(after) == 4 * C * hs + 3 * hs  # one head: q, k, v rows (+ bias), c_proj columns
+        assert after.num_params() < before.num_params()
+        # pruning kept the other heads exactly: their weights are the original's rows
+        from llmclock.compress.prune import head_importance
+        x = torch.randint(before.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+        scores = head_importance(before, [x])
+        assert len(scores) == 2 and all(s.shape == (2,) and (s > 0).all() for s in scores)
+    # save -> load exact
+    again, _ = load_checkpoint(out)
+    for k, v in after.state_dict().items():
+        assert torch.equal(again.state_dict()[k], v), k
+    # the engine's KV cache holds each layer's own head count, and greedy decoding == full forward argmax
+    eng = Engine(after, tok, slots=2)
+    assert [k.size(1) for k in eng.cache.k] == comp["heads"]
+    hs_bytes = 2 * sum(comp["heads"]) * hs * 4 * eng.cache.slots * eng.cache.max_len  # k and v, fp32
+    assert eng.runner.memory()["kv cache"] == hs_bytes
+    if mode is False and scheme == "int8":  # kernel mode: the decode plan's packed int8 panels are counted
+        assert eng.runner.memory()["packed copies"] > 0
+    engine_matches_forward(after, tok)
+    _, text, _ = cli(capsys, "eval", "--ckpt", out, "--data", data_dir, "--batches", "2", "--block-size", "32")
+    assert "test: loss" in text
+    cli(capsys, "trace", "--ckpt", out, "--prompt", "All", "--prompt", "Sp", "--out", tmp_path / "tr", "--max-new-tokens", "4")
+    assert len((tmp_path / "tr" / "trace.jsonl").read_text().splitlines()) > 4
+    # GPT-2's format has one head count for every layer: export is refused, nothing written
+    one_line_error(cli(capsys, "export-hf", out, tmp_path / "hf", "--dequantize", ok=False)[2], "heads pruned per layer")
+    assert not (tmp_path / "hf").exists()
+
+
+def test_head_choice_global_with_one_per_layer():
+    from llmclock.compress.prune import choose_heads, kept_heads
+
+    scores = [torch.tensor([5.0, 4.0, 3.0]), torch.tensor([0.1, 0.2, 0.05])]
+    keep = choose_heads(scores, kept_heads(2, 3, 0.5))  # keep 3 of 6: layer 1 keeps only its best
+    assert [k.tolist() for k in keep] == [[0, 1], [1]]
+    assert [k.tolist() for k in choose_heads(scores, 2)] == [[0], [1]]
+    assert kept_heads(12, 12, 0.25) == 108
+    with pytest.raises(LLMClockError, match="would remove all heads of a layer"):
+        kept_heads(2, 3, 0.8)  # 6 heads -> 1 kept, 2 layers
+    with pytest.raises(LLMClockError, match=r"head pruning fraction must be in \[0, 1\)"):
+        kept_heads(2, 3, -0.1)
 
 
 def test_already_compressed_and_existing_out_refused(ckpt, tmp_path):

@@ -20,7 +20,8 @@ def add_compress(sub) -> None:
     p.add_argument("--embeddings", default="fp32", type=options.choice_of(lambda: ["fp32", "tied"], "embeddings mode"),
                    help="fp32: keep the token table exact (default); tied: it is the quantized head, stored once")
     p.add_argument("--prune", action="append", default=[], metavar="KIND:FRACTION",
-                   help="repeatable: mlp:0.25 (structured: MLP neurons), magnitude:0.5 (zeros, each layer), "
+                   help="repeatable: mlp:0.25 (structured: MLP neurons), heads:0.25 (structured: attention heads, "
+                   "least important over all layers, one kept per layer), magnitude:0.5 (zeros, each layer), "
                    "magnitude-global:0.5 (zeros, one threshold)")
     p.add_argument("--data", type=options.nonempty,
                    help="prepared data: calibration (val), fine-tune (train) and the table's quality (--split)")

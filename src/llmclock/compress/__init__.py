@@ -4,10 +4,11 @@
     compress("runs/demo/ckpt", "runs/demo-int4", CompressConfig(scheme="int4", group=64, prune_mlp=0.25),
              data="runs/.cache/data")
 
-The steps run in this order on a fp32 model: structured MLP pruning (importance on the calibration
-split), magnitude pruning, the optional recovery fine-tune, quantization; then the checkpoint is
-written atomically (see compress/model.py for its layout). Nothing here touches model.py: layers
-are rewritten or swapped (gpt-fast's quantize.py).
+The steps run in this order on a fp32 model: structured attention-head pruning, then structured MLP
+pruning (each with importance measured on the calibration split), magnitude pruning, the optional
+recovery fine-tune, quantization; then the checkpoint is written atomically (see compress/model.py
+for its layout). Nothing here touches model.py: layers are rewritten or swapped (gpt-fast's
+quantize.py).
 """
 
 from __future__ import annotations
@@ -39,8 +40,11 @@ class CompressConfig:
     """'layer': each layer to the target sparsity; 'global': one threshold over all block linears."""
     prune_mlp: float = 0.0
     """Structured pruning: fraction of every MLP's hidden neurons removed, in [0, 1)."""
+    prune_heads: float = 0.0
+    """Structured pruning: fraction of all attention heads removed (least important over all layers,
+    at least one kept per layer), in [0, 1)."""
     calib_batches: int = 8
-    """Calibration batches (8 windows each) from the data's validation split, for neuron importance."""
+    """Calibration batches (8 windows each) from the data's validation split, for neuron and head importance."""
     recover_steps: int = 0
     """Recovery fine-tune steps on the train split after pruning (0: none)."""
     recover_lr: float = 1e-4
@@ -57,6 +61,7 @@ class CompressConfig:
             raise LLMClockError(f"embeddings must be 'fp32' or 'tied', got {self.embeddings!r}")
         check_fraction(self.sparsity, "sparsity")
         check_fraction(self.prune_mlp, "MLP pruning fraction")
+        check_fraction(self.prune_heads, "head pruning fraction")
         if self.sparsity_scope not in SCOPES:
             raise LLMClockError(f"sparsity scope must be one of {SCOPES}, got {self.sparsity_scope!r}")
         for name in ("calib_batches", "block_size"):
@@ -64,22 +69,24 @@ class CompressConfig:
                 raise LLMClockError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.recover_steps < 0 or self.recover_lr <= 0:
             raise LLMClockError("recover_steps must be >= 0 and recover_lr > 0")
-        if self.scheme == "fp32" and not (self.sparsity or self.prune_mlp):
+        if self.scheme == "fp32" and not (self.sparsity or self.prune_mlp or self.prune_heads):
             raise LLMClockError("scheme fp32 with no pruning would change nothing; give --prune or another scheme")
 
     @property
     def needs_data(self) -> bool:
-        return bool(self.prune_mlp or self.recover_steps)
+        return bool(self.prune_mlp or self.prune_heads or self.recover_steps)
 
 
-PRUNE_KINDS = {"mlp": ("prune_mlp", None), "magnitude": ("sparsity", "layer"), "magnitude-global": ("sparsity", "global")}
+PRUNE_KINDS = {"mlp": ("prune_mlp", None), "heads": ("prune_heads", None), "magnitude": ("sparsity", "layer"),
+               "magnitude-global": ("sparsity", "global")}
 
 
 def parse_prune(specs: list[str]) -> dict:
-    """`--prune` specs ('mlp:0.25', 'magnitude:0.5', 'magnitude-global:0.5') -> CompressConfig fields."""
+    """`--prune` specs ('mlp:0.25', 'heads:0.25', 'magnitude:0.5', 'magnitude-global:0.5'; '=' also
+    separates, as in heads=0.25) -> CompressConfig fields."""
     out: dict = {}
     for spec in specs:
-        kind, _, value = spec.partition(":")
+        kind, _, value = spec.replace("=", ":", 1).partition(":")
         if kind not in PRUNE_KINDS:
             raise LLMClockError(f"--prune {spec!r}: kind must be one of {', '.join(PRUNE_KINDS)} (as in mlp:0.25)")
         try:
@@ -120,8 +127,8 @@ def compress(ckpt, out, cfg: CompressConfig, *, data=None, progress=None) -> dic
     import torch
 
     from ..checkpoint import load_checkpoint
-    from .model import quantize_model, read_compression, save_compressed
-    from .prune import magnitude_prune, mlp_importance, prune_mlp, recover
+    from .model import head_counts, quantize_model, read_compression, save_compressed
+    from .prune import head_importance, kept_heads, magnitude_prune, mlp_importance, prune_heads, prune_mlp, recover
 
     say = progress or (lambda msg: None)
     ckpt, out = Path(ckpt), Path(out)
@@ -130,8 +137,6 @@ def compress(ckpt, out, cfg: CompressConfig, *, data=None, progress=None) -> dic
     if read_compression(ckpt) is not None:
         raise LLMClockError(f"{ckpt} is already compressed ({read_compression(ckpt).get('scheme')}); "
                             "compress the original checkpoint instead")
-    if cfg.needs_data and data is None:
-        raise LLMClockError("structured pruning and the recovery fine-tune need --data (a prepared data directory)")
     model, tok = load_checkpoint(ckpt)
     C = model.config.n_embd
     hidden = model.transformer.h[0].mlp.c_fc.out_features
@@ -139,6 +144,10 @@ def compress(ckpt, out, cfg: CompressConfig, *, data=None, progress=None) -> dic
     if cfg.scheme == "int4":
         for w in (C, width):
             check_group(w, cfg.group)
+    if cfg.prune_heads:
+        kept_heads(model.config.n_layer, model.config.n_head, cfg.prune_heads)  # refuse a layer left headless now
+    if cfg.needs_data and data is None:
+        raise LLMClockError("structured pruning and the recovery fine-tune need --data (a prepared data directory)")
     tokens = None
     if data is not None:
         from ..data import TokenData
@@ -149,13 +158,23 @@ def compress(ckpt, out, cfg: CompressConfig, *, data=None, progress=None) -> dic
     block = min(cfg.block_size, model.config.block_size)
     comp: dict = {"scheme": cfg.scheme, "group": cfg.group if cfg.scheme == "int4" else None,
                   "embeddings": cfg.embeddings if cfg.scheme != "fp32" else "fp32", "mlp_hidden": None,
-                  "sparsity": None, "source": str(ckpt)}
-    if cfg.prune_mlp:
+                  "heads": None, "sparsity": None, "source": str(ckpt)}
+    calib = None
+    if cfg.prune_mlp or cfg.prune_heads:
         from ..data import eval_batches
 
-        say(f"measuring MLP neuron importance on {cfg.calib_batches} calibration batches")
         x, _ = eval_batches(tokens.tokens("val"), 8, block, cfg.calib_batches, seed=1, split="val")
-        scores = mlp_importance(model, [x[i : i + 8] for i in range(0, len(x), 8)])
+        calib = [x[i : i + 8] for i in range(0, len(x), 8)]
+    if cfg.prune_heads:
+        say(f"measuring attention head importance on {cfg.calib_batches} calibration batches")
+        comp["heads"] = prune_heads(model, cfg.prune_heads, head_importance(model, calib))
+        say(f"pruned attention heads from {model.config.n_head} per layer to {comp['heads']}")
+        if cfg.scheme == "int4":
+            for nh in set(head_counts(model)):
+                check_group(nh * model.config.head_size, cfg.group)
+    if cfg.prune_mlp:
+        say(f"measuring MLP neuron importance on {cfg.calib_batches} calibration batches")
+        scores = mlp_importance(model, calib)
         comp["mlp_hidden"] = prune_mlp(model, cfg.prune_mlp, scores)
         say(f"pruned every MLP from {hidden} to {comp['mlp_hidden']} neurons")
     if cfg.sparsity:

@@ -8,11 +8,15 @@ A compressed checkpoint is an ordinary llmclock checkpoint directory whose confi
   embeddings  'fp32': the token table is stored apart from the (quantized) head, lookups are exact;
               'tied': the token table is the quantized head, stored once, lookups dequantize rows
   mlp_hidden  every block's MLP width after structured pruning (null: 4 * n_embd)
+  heads       each block's attention head count after head pruning, a list of n_layer (null: n_head
+              each); the head size stays n_embd / n_head, so c_attn is (3 * heads * hs, n_embd) and
+              c_proj (n_embd, heads * hs), and the engine's KV cache holds that many heads per layer
   sparsity    the fraction of block weights set to zero by magnitude pruning (stored as zeros)
 
 model.safetensors holds each quantized layer as `<name>.weight` (bf16, int8, or uint8 with two int4
 per byte) and `<name>.weight_scale` (fp32), biases and norms in fp32. model.py is untouched: the
-loader builds the plain GPT, resizes pruned MLPs and swaps in QuantLinear / QuantEmbedding modules.
+loader builds the plain GPT, resizes pruned MLPs, swaps in HeadPrunedAttention for pruned heads
+and QuantLinear / QuantEmbedding modules.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from ..checkpoint import CONFIG, WEIGHTS, load_weights, read_json, read_tensors, write_checkpoint
 from ..config import ModelConfig
@@ -52,6 +57,50 @@ class QuantEmbedding(nn.Module):
         flat = idx.reshape(-1)
         s = h.weight_scale[flat] if h.weight_scale is not None else None
         return dequantize(h.weight[flat], s, h.scheme).view(*idx.shape, h.in_features)
+
+
+class HeadPrunedAttention(nn.Module):
+    """Causal self-attention over `n_head` heads of `head_size` in an `n_embd`-wide residual stream,
+    where n_head * head_size may be less than n_embd (heads removed by structured pruning). The same
+    parts and names as model.CausalSelfAttention (c_attn, c_proj, resid_dropout), the same forward."""
+
+    def __init__(self, n_embd: int, n_head: int, head_size: int, *, bias: bool = True, dropout: float = 0.0):
+        super().__init__()
+        self.n_embd, self.n_head, self.head_size = n_embd, n_head, head_size
+        width = n_head * head_size
+        self.c_attn = nn.Linear(n_embd, 3 * width, bias=bias)
+        self.c_proj = nn.Linear(width, n_embd, bias=bias)
+        self.attn_dropout = dropout
+        self.resid_dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, kv=None, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        B, T, _ = x.size()
+        nh, hs = self.n_head, self.head_size
+        dropout_p = self.attn_dropout if self.training else 0.0
+        q, k, v = (t.view(B, T, nh, hs).transpose(1, 2) for t in self.c_attn(x).split(nh * hs, dim=2))
+        if kv is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)
+        else:
+            k, v = kv.update(k, v)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
+        return self.resid_dropout(self.c_proj(y.transpose(1, 2).contiguous().view(B, T, nh * hs)))
+
+    def extra_repr(self) -> str:
+        return f"n_head={self.n_head}, head_size={self.head_size}"
+
+
+def head_counts(model) -> list[int]:
+    """Each block's attention head count."""
+    return [b.attn.n_head for b in model.transformer.h]
+
+
+def resize_attention(model, heads: list[int]) -> None:
+    """Give block i an attention of heads[i] heads (weights uninitialised: a loader or pruner fills them)."""
+    cfg = model.config
+    for b, nh in zip(model.transformer.h, heads):
+        dev = b.attn.c_attn.weight.device
+        with torch.device(dev):
+            b.attn = HeadPrunedAttention(cfg.n_embd, nh, cfg.head_size, bias=cfg.bias, dropout=cfg.dropout)
 
 
 def blocks_linears(model) -> list[tuple[nn.Module, str]]:
@@ -111,7 +160,7 @@ def save_compressed(dest: Path, model, tokenizer) -> Path:
     return Path(dest)
 
 
-def check_compression(comp, source) -> dict:
+def check_compression(comp, source, config: ModelConfig) -> dict:
     if not isinstance(comp, dict):
         raise LLMClockError(f"{source}: 'compression' must be an object")
     scheme = comp.get("scheme")
@@ -122,6 +171,11 @@ def check_compression(comp, source) -> dict:
     hidden = comp.get("mlp_hidden")
     if hidden is not None and (not isinstance(hidden, int) or hidden < 1):
         raise LLMClockError(f"{source}: mlp_hidden must be a positive integer, got {hidden!r}")
+    heads = comp.get("heads")
+    if heads is not None and (not isinstance(heads, list) or len(heads) != config.n_layer
+                              or not all(isinstance(h, int) and 1 <= h <= config.n_head for h in heads)):
+        raise LLMClockError(f"{source}: heads must be a list of {config.n_layer} head counts in 1..{config.n_head}, "
+                            f"got {heads!r}")
     return comp
 
 
@@ -133,6 +187,8 @@ def build_compressed(config: ModelConfig, comp: dict):
         model = GPT(config)
         if comp.get("mlp_hidden"):
             resize_mlp(model, comp["mlp_hidden"])
+        if comp.get("heads"):
+            resize_attention(model, comp["heads"])
         scheme = comp["scheme"]
         if scheme != "fp32":
             group = comp.get("group") or 64
@@ -149,7 +205,7 @@ def build_compressed(config: ModelConfig, comp: dict):
 def load_compressed(ckpt: Path, config: ModelConfig, comp: dict, device="cpu"):
     """The model of a compressed checkpoint, in eval mode, with every tensor checked against the config."""
     path = Path(ckpt) / WEIGHTS
-    comp = check_compression(comp, Path(ckpt) / CONFIG)
+    comp = check_compression(comp, Path(ckpt) / CONFIG, config)
     tensors = read_tensors(path)
     model = build_compressed(config, comp)
     model = model.to_empty(device="cpu")
@@ -166,6 +222,9 @@ def dequantized_state(model, source, *, allow: bool) -> dict[str, torch.Tensor]:
     from ..checkpoint import model_state
 
     comp = compression_of(model)
+    if comp is not None and comp.get("heads"):
+        raise LLMClockError(f"{source} has attention heads pruned per layer ({comp['heads']}), which a GPT-2 "
+                            "checkpoint (one head count for every layer) cannot hold")
     if comp is None or comp["scheme"] == "fp32":
         return model_state(model)
     if not allow:

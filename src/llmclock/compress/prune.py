@@ -1,4 +1,5 @@
-"""Pruning: magnitude (unstructured, stored as zeros) and MLP neurons (structured, really smaller).
+"""Pruning: magnitude (unstructured, stored as zeros), MLP neurons and attention heads (structured,
+really smaller).
 
 Unstructured: the smallest-magnitude weights of the blocks' linear layers are set to zero, to a
 target sparsity per layer or over all of them at once (global). They are stored as zeros in the
@@ -10,7 +11,16 @@ Structured: each block's MLP loses the same fraction of its hidden neurons, the 
 ones on a calibration split, where a neuron's importance is mean |GELU output| over the calibration
 tokens times the L2 norm of its column of c_proj (how much it moves the residual stream). c_fc
 loses those rows and c_proj those columns, so every MLP matrix really shrinks and a decode cycle
-reads fewer bytes. An optional short fine-tune (AdamW on the train split) recovers some quality.
+reads fewer bytes.
+
+Attention heads: a head's importance is the mean L2 norm, over the calibration tokens, of what it
+adds to the residual stream (its slice of the attention output through its columns of c_proj).
+A fraction of all the model's heads is removed at once, the least important over every layer
+(heads of different layers write to the same residual stream, so their scores compare), except
+that each layer keeps its own best head; so layers end with different head counts. c_attn loses
+the removed heads' q, k and v rows and c_proj their columns (compress.model.HeadPrunedAttention),
+and the engine's KV cache holds only the kept heads. An optional short fine-tune (AdamW on the
+train split) recovers some quality.
 """
 
 from __future__ import annotations
@@ -21,7 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import LLMClockError
-from .model import blocks_linears
+from .model import HeadPrunedAttention, blocks_linears
 
 SCOPES = ("layer", "global")
 MULTIPLE = 16  # kept MLP widths are a multiple of this (whole kernel panels)
@@ -137,3 +147,83 @@ def recover(model, tokens: np.ndarray, *, steps: int, batch_size: int, block_siz
             progress(step + 1, loss.item())
     model.eval()
     return losses
+
+
+def kept_heads(n_layer: int, n_head: int, fraction: float) -> int:
+    """How many of the model's n_layer * n_head heads stay after pruning `fraction` of them (rounded);
+    an error when that would leave some layer none (each layer keeps at least one)."""
+    check_fraction(fraction, "head pruning fraction")
+    total = n_layer * n_head
+    keep = int(round(total * (1 - fraction)))
+    if keep < n_layer:
+        raise LLMClockError(f"pruning {fraction} of the {total} attention heads would keep {keep}, fewer than one "
+                            f"per layer ({n_layer} layers): it would remove all heads of a layer")
+    return keep
+
+
+@torch.no_grad()
+def head_importance(model, batches) -> list[torch.Tensor]:
+    """Per block, each head's importance on `batches` of (B, T) token ids: the mean over tokens of
+    the L2 norm of its contribution to the residual stream, c_proj[:, head] @ y[head]."""
+    sums = [None] * len(model.transformer.h)
+    count = [0]
+
+    def hook(i, attn):
+        def pre(mod, args):
+            nh = attn.n_head
+            y = args[0].detach().float().flatten(0, -2)  # (N, nh * hs)
+            w = mod.weight.detach().float()  # (C, nh * hs)
+            hs = y.size(1) // nh
+            per_head = torch.stack([(y[:, h * hs:(h + 1) * hs] @ w[:, h * hs:(h + 1) * hs].T).norm(dim=1)
+                                    for h in range(nh)], dim=1)  # (N, nh)
+            sums[i] = per_head.sum(0) if sums[i] is None else sums[i] + per_head.sum(0)
+            if i == 0:
+                count[0] += y.size(0)
+        return pre
+
+    blocks = model.transformer.h
+    handles = [b.attn.c_proj.register_forward_pre_hook(hook(i, b.attn)) for i, b in enumerate(blocks)]
+    try:
+        for x in batches:
+            model(torch.as_tensor(x))
+    finally:
+        for h in handles:
+            h.remove()
+    return [s / count[0] for s in sums]
+
+
+def choose_heads(importance: list[torch.Tensor], keep: int) -> list[torch.Tensor]:
+    """The heads to keep per layer (sorted indices): every layer's best one, then the most important
+    of the rest over all layers, `keep` in all."""
+    chosen = [{int(s.argmax())} for s in importance]
+    rest = sorted(((float(s[h]), i, h) for i, s in enumerate(importance) for h in range(s.numel())
+                   if h not in chosen[i]), key=lambda t: (-t[0], t[1], t[2]))
+    for _, i, h in rest[: keep - len(importance)]:
+        chosen[i].add(h)
+    return [torch.tensor(sorted(c)) for c in chosen]
+
+
+@torch.no_grad()
+def prune_heads(model, fraction: float, importance: list[torch.Tensor]) -> list[int]:
+    """Remove `fraction` of all attention heads, the least important (see module doc), from every
+    block's c_attn (rows of q, k, v) and c_proj (columns); returns the head counts per layer."""
+    cfg = model.config
+    blocks = model.transformer.h
+    n_head = blocks[0].attn.n_head
+    keep = choose_heads(importance, kept_heads(len(blocks), n_head, fraction))
+    C, hs = cfg.n_embd, cfg.head_size
+    for b, idx in zip(blocks, keep):
+        a = b.attn
+        cols = (idx[:, None] * hs + torch.arange(hs)).flatten()  # the kept heads' channels in q (or k, v)
+        width = a.c_attn.out_features // 3
+        rows = torch.cat([cols, cols + width, cols + 2 * width])
+        new = HeadPrunedAttention(C, len(idx), hs, bias=a.c_attn.bias is not None, dropout=cfg.dropout)
+        new.to(a.c_attn.weight.device)
+        new.c_attn.weight.copy_(a.c_attn.weight[rows])
+        new.c_proj.weight.copy_(a.c_proj.weight[:, cols])
+        if a.c_attn.bias is not None:
+            new.c_attn.bias.copy_(a.c_attn.bias[rows])
+            new.c_proj.bias.copy_(a.c_proj.bias)
+        new.train(a.training)
+        b.attn = new
+    return [len(i) for i in keep]

@@ -11,9 +11,12 @@ half a step: s/2, i.e. max|w| / 254 (int8) and max|w| of the group / 14 (int4); 
 significant bits, a relative error of at most 2^-8.
 
 A `QuantLinear` replaces an nn.Linear (gpt-fast's quantize.py: swap the module, keep the model
-file). Its forward is torch ops (dequantize, then F.linear), correct on any device;
-`decode_linear()` gives the engine a function with kernels.make_linear's signature that runs the
-compiled kernel of csrc/quant.cpp, which streams the packed bytes once and dequantizes in registers.
+file). Its `reference` forward is torch ops (dequantize, then F.linear), correct on any device;
+`forward` runs the compiled kernel instead for up to KERNEL_ROWS fp32 CPU rows without autograd (a
+prompt's prefill: streaming the packed bytes a few times beats writing the whole fp32 weight, by
+~3x for int8 and more for int4), `reference` otherwise; `decode_linear()` gives the engine a
+function with kernels.make_linear's signature that runs the compiled kernel of csrc/quant.cpp,
+which streams the packed bytes once and dequantizes in registers.
 """
 
 from __future__ import annotations
@@ -31,6 +34,8 @@ from ..errors import LLMClockError
 SCHEMES = ("bf16", "int8", "int4")
 GROUPS = (32, 64, 128)
 PANEL = 16
+KERNEL_ROWS = 64
+"""QuantLinear.forward uses the compiled kernel up to this many rows (it streams the weights once per 4)."""
 _FMT = {"bf16": 0, "int8": 1, "int4": 2}
 _SRC = Path(__file__).resolve().parent.parent / "csrc" / "quant.cpp"
 
@@ -160,9 +165,44 @@ class QuantLinear(nn.Module):
     def dequantized(self) -> torch.Tensor:
         return dequantize(self.weight, self.weight_scale, self.scheme)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def reference(self, x: torch.Tensor) -> torch.Tensor:
+        """Torch ops: dequantize, then F.linear (what the kernels are tested against)."""
         w = self.dequantized().to(x.dtype)
         return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (x.dtype == torch.float32 and x.device.type == "cpu" and not x.requires_grad
+                and 0 < x.numel() <= KERNEL_ROWS * self.in_features and self.weight.device.type == "cpu"):
+            f = self._kernel()
+            if f is not None:
+                return f(x.reshape(-1, self.in_features)).view(*x.shape[:-1], self.out_features)
+        return self.reference(x)
+
+    def _kernel(self):
+        """A kernel function on this layer's packed bytes, or None where there is no kernel library."""
+        if get_lib() is None:
+            return None
+        f = make_quant_linear(self)
+        return f if f.packed is not None else None
+
+    def packed(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The kernel's panels of these weights (see `pack`): made on first use and kept, remade if the
+        weights change; the engine's decode functions and `forward` share them."""
+        key = (self.weight.data_ptr(), self.weight._version, self.weight.device)
+        cached = self.__dict__.get("_packed")
+        if cached is None or cached[0] != key:
+            cached = (key, pack(self.weight, self.weight_scale, self.scheme))
+            self.__dict__["_packed"] = cached
+        return cached[1]
+
+    def __deepcopy__(self, memo):
+        """A copy without the cached panels (remade from the copy's weights on first use)."""
+        new = self.__class__.__new__(self.__class__)
+        memo[id(self)] = new
+        import copy
+
+        new.__dict__ = {k: copy.deepcopy(v, memo) for k, v in self.__dict__.items() if k != "_packed"}
+        return new
 
     def extra_repr(self) -> str:
         g = f", group={self.group}" if self.scheme == "int4" else ""
@@ -178,7 +218,7 @@ def make_quant_linear(m: QuantLinear, *, packed: bool = True, approximate: str =
     n, k, scheme, bias = m.out_features, m.in_features, m.scheme, m.bias
 
     def torch_linear(x, *, gelu=False, out=None, accumulate=False):
-        y = m(x)
+        y = m.reference(x)
         if gelu:
             y = F.gelu(y, approximate=approximate)
         return y if out is None else (out.add_(y) if accumulate else out.copy_(y))
@@ -187,7 +227,7 @@ def make_quant_linear(m: QuantLinear, *, packed: bool = True, approximate: str =
     if lib is None:
         torch_linear.packed = None
         return torch_linear
-    panels, scales = pack(m.weight, m.weight_scale, scheme)
+    panels, scales = m.packed()
     kernel, fmt, f32, w_ptr = lib.quant_linear, _FMT[scheme], torch.float32, panels.data_ptr()
     s_ptr = scales.data_ptr() if scales is not None else None
     b_ptr = bias.data_ptr() if bias is not None else None

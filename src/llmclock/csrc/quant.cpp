@@ -69,53 +69,112 @@ static inline void store(int mr, v8f (*acc)[2], const float* bias, float* y, int
   }
 }
 
+// K-steps in flight per row: an FMA has ~4 cycles of latency and two issue per cycle, so a pass
+// needs ~8 independent accumulator chains to run at the FMA rate. A panel row has 2 (16 columns), so
+// one row (batch 1) unrolls K by 4 and two rows by 2; without it batch 1 ran at the chains' latency
+// (int4 then read 8 bytes per 4 cycles: slower than int8).
+template <int R> struct Unroll { static constexpr int U = R == 1 ? 4 : R == 2 ? 2 : 1; };
+
+// The accumulators of U k-steps, folded into acc at the end of a pass.
+template <int R, int U>
+static inline void fold(v8f (*a)[R][2], v8f (*acc)[2]) {
+  for (int m = 0; m < R; ++m) {
+    v8f s0 = a[0][m][0], s1 = a[0][m][1];
+    for (int u = 1; u < U; ++u) { s0 += a[u][m][0]; s1 += a[u][m][1]; }
+    acc[m][0] = s0; acc[m][1] = s1;
+  }
+}
+
+template <int R, int U>
+static inline void zero(v8f (*a)[R][2]) {
+  for (int u = 0; u < U; ++u) for (int m = 0; m < R; ++m) a[u][m][0] = a[u][m][1] = bcast(0.f);
+}
+
 template <int R>
 static inline void panel_bf16(const float* x, int64_t ldx, int64_t K, const uint16_t* w, v8f (*acc)[2]) {
-  for (int m = 0; m < R; ++m) acc[m][0] = acc[m][1] = bcast(0.f);
-  for (int64_t k = 0; k < K; ++k) {
-    if (!(k & 1)) __builtin_prefetch((const char*)(w + k * P) + PF);  /* one per 64-byte line */
-    const v8f w0 = bf16x8(w + k * P), w1 = bf16x8(w + k * P + 8);
-    for (int m = 0; m < R; ++m) {
-      const v8f a = bcast(x[m * ldx + k]);
-      acc[m][0] += a * w0; acc[m][1] += a * w1;
+  constexpr int U = Unroll<R>::U;
+  v8f a[U][R][2];
+  zero<R, U>(a);
+  int64_t k = 0;
+  for (; k + U <= K; k += U) {
+    for (int u = 0; u < U; ++u)
+      if (!((k + u) & 1)) __builtin_prefetch((const char*)(w + (k + u) * P) + PF);  // 64 bytes per 2 k-steps
+    for (int u = 0; u < U; ++u) {
+      const v8f w0 = bf16x8(w + (k + u) * P), w1 = bf16x8(w + (k + u) * P + 8);
+      for (int m = 0; m < R; ++m) {
+        const v8f b = bcast(x[m * ldx + k + u]);
+        a[u][m][0] += b * w0; a[u][m][1] += b * w1;
+      }
     }
   }
+  for (; k < K; ++k) {
+    const v8f w0 = bf16x8(w + k * P), w1 = bf16x8(w + k * P + 8);
+    for (int m = 0; m < R; ++m) {
+      const v8f b = bcast(x[m * ldx + k]);
+      a[0][m][0] += b * w0; a[0][m][1] += b * w1;
+    }
+  }
+  fold<R, U>(a, acc);
 }
 
 template <int R>
 static inline void panel_int8(const float* x, int64_t ldx, int64_t K, const int8_t* w, const float* s, v8f (*acc)[2]) {
-  for (int m = 0; m < R; ++m) acc[m][0] = acc[m][1] = bcast(0.f);
-  for (int64_t k = 0; k < K; ++k) {
-    if (!(k & 3)) __builtin_prefetch((const char*)(w + k * P) + PF);
-    const v8f w0 = i8x8(w + k * P), w1 = i8x8(w + k * P + 8);
-    for (int m = 0; m < R; ++m) {
-      const v8f a = bcast(x[m * ldx + k]);
-      acc[m][0] += a * w0; acc[m][1] += a * w1;
+  constexpr int U = Unroll<R>::U;
+  v8f a[U][R][2];
+  zero<R, U>(a);
+  int64_t k = 0;
+  for (; k + U <= K; k += U) {
+    if (!(k & 3)) __builtin_prefetch((const char*)(w + k * P) + PF);  // 64 bytes per 4 k-steps
+    for (int u = 0; u < U; ++u) {
+      const v8f w0 = i8x8(w + (k + u) * P), w1 = i8x8(w + (k + u) * P + 8);
+      for (int m = 0; m < R; ++m) {
+        const v8f b = bcast(x[m * ldx + k + u]);
+        a[u][m][0] += b * w0; a[u][m][1] += b * w1;
+      }
     }
   }
+  for (; k < K; ++k) {
+    const v8f w0 = i8x8(w + k * P), w1 = i8x8(w + k * P + 8);
+    for (int m = 0; m < R; ++m) {
+      const v8f b = bcast(x[m * ldx + k]);
+      a[0][m][0] += b * w0; a[0][m][1] += b * w1;
+    }
+  }
+  fold<R, U>(a, acc);
   const v8f s0 = load8(s), s1 = load8(s + 8);
   for (int m = 0; m < R; ++m) { acc[m][0] *= s0; acc[m][1] *= s1; }
 }
 
-// xs: (R, K/G) per-group sums of x, precomputed
+// One int4 k-step's 16 weights, as the floats u (= q + 8) of columns 0..7 and 8..15.
+static inline void int4x16(const uint8_t* p, v8f* lo, v8f* hi) {
+  const v8i u = u8x8(p);
+  *lo = __builtin_convertvector(u & 15, v8f);
+  *hi = __builtin_convertvector(u >> 4, v8f);
+}
+
+// xs: (R, K/G) per-group sums of x, precomputed. G (32, 64, 128) is a multiple of any U.
 template <int R>
 static inline void panel_int4(const float* x, int64_t ldx, int64_t K, int64_t G, const uint8_t* w, const float* s,
                               const float* xs, int64_t ngroups, v8f (*acc)[2]) {
+  constexpr int U = Unroll<R>::U;
   for (int m = 0; m < R; ++m) acc[m][0] = acc[m][1] = bcast(0.f);
   for (int64_t g = 0; g < ngroups; ++g) {
-    v8f t[R][2];
-    for (int m = 0; m < R; ++m) t[m][0] = t[m][1] = bcast(0.f);
+    v8f a[U][R][2], t[R][2];
+    zero<R, U>(a);
     const uint8_t* wg = w + g * G * (P / 2);
     const float* xg = x + g * G;
-    for (int64_t k = 0; k < G; ++k) {
-      if (!(k & 7)) __builtin_prefetch(wg + k * (P / 2) + PF);
-      const v8i u = u8x8(wg + k * (P / 2));
-      const v8f w0 = __builtin_convertvector(u & 15, v8f), w1 = __builtin_convertvector(u >> 4, v8f);
-      for (int m = 0; m < R; ++m) {
-        const v8f a = bcast(xg[m * ldx + k]);
-        t[m][0] += a * w0; t[m][1] += a * w1;
+    for (int64_t k = 0; k < G; k += U) {
+      if (!(k & 7)) __builtin_prefetch(wg + k * (P / 2) + PF);  // 64 bytes per 8 k-steps
+      for (int u = 0; u < U; ++u) {
+        v8f w0, w1;
+        int4x16(wg + (k + u) * (P / 2), &w0, &w1);
+        for (int m = 0; m < R; ++m) {
+          const v8f b = bcast(xg[m * ldx + k + u]);
+          a[u][m][0] += b * w0; a[u][m][1] += b * w1;
+        }
       }
     }
+    fold<R, U>(a, t);
     const v8f s0 = load8(s + g * P), s1 = load8(s + g * P + 8);
     for (int m = 0; m < R; ++m) {
       const v8f off = bcast(8.f * xs[m * ngroups + g]);

@@ -131,7 +131,8 @@ def make_attend(cache_k: torch.Tensor):
     None when it cannot be used (no built library, not fp32 on CPU): callers then use index writes and
     scaled_dot_product_attention.
 
-    f(qkv (n, 3C), kc, vc, pos (n,) int64, slots (n,) int64 | None) -> y (n, C): writes each row's
+    f(qkv (n, 3 nh hs), kc, vc, pos (n,) int64, slots (n,) int64 | None) -> y (n, nh hs), nh the head
+    count of the cache given (layers may differ where heads were pruned): writes each row's
     key/value at its position in its cache slot (slots[b], or b when slots is None) and attends
     over that slot's history. One call per layer replaces two index_put
     writes and an SDPA call (~60 us of fixed cost per layer here).
@@ -139,11 +140,11 @@ def make_attend(cache_k: torch.Tensor):
     lib = get_lib()
     if lib is None or cache_k.dtype != torch.float32 or cache_k.device.type != "cpu":
         return None
-    _, nh, max_len, hs = cache_k.shape
+    _, _, max_len, hs = cache_k.shape
     kernel = lib.attend_decode
 
     def attend(qkv, kc, vc, pos, slots=None):
-        n = qkv.size(0)
+        n, nh = qkv.size(0), kc.size(1)
         y = torch.empty(n, nh * hs)
         kernel(qkv.data_ptr(), n, nh, hs, kc.data_ptr(), vc.data_ptr(), max_len, pos.data_ptr(),
                None if slots is None else slots.data_ptr(), y.data_ptr(), torch.get_num_threads())

@@ -1,8 +1,9 @@
 """The registers: a preallocated KV cache of `slots` sequences, written by position.
 
 One tensor per layer of shape (slots, n_head, max_len, head_size) for keys and one for values,
-allocated once. A tick writes one position per slot in place; a prefill writes a run of
-positions per slot; nothing grows, and a freed slot is simply overwritten by its next sequence.
+allocated once (n_head may differ per layer: a model with attention heads pruned). A tick writes
+one position per slot in place; a prefill writes a run of positions per slot; nothing grows, and a
+freed slot is simply overwritten by its next sequence.
 """
 
 from __future__ import annotations
@@ -11,13 +12,15 @@ import torch
 
 
 class KVCache:
-    def __init__(self, n_layer: int, slots: int, n_head: int, max_len: int, head_size: int, *, dtype, device):
-        shape = (slots, n_head, max_len, head_size)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layer)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layer)]
+    def __init__(self, n_layer: int, slots: int, n_head: int | list[int], max_len: int, head_size: int, *, dtype,
+                 device):
+        heads = [n_head] * n_layer if isinstance(n_head, int) else list(n_head)  # per layer
+        assert len(heads) == n_layer, (heads, n_layer)
+        self.k = [torch.zeros((slots, nh, max_len, head_size), dtype=dtype, device=device) for nh in heads]
+        self.v = [torch.zeros((slots, nh, max_len, head_size), dtype=dtype, device=device) for nh in heads]
         self.slots, self.max_len = slots, max_len
         self.lengths = [0] * slots  # positions filled per slot
-        self._bytes_per_position = 2 * n_layer * n_head * head_size * torch.empty((), dtype=dtype).element_size()
+        self._bytes_per_position = 2 * sum(heads) * head_size * torch.empty((), dtype=dtype).element_size()
 
     @property
     def nbytes(self) -> int:

@@ -37,7 +37,8 @@ Linear = Callable[..., torch.Tensor]
 @dataclass(frozen=True, slots=True)
 class LayerPlan:
     """One block for `tick`: LayerNorms as F.layer_norm's (weight, bias, eps), linears as kernels.make_linear's,
-    and `block`, the whole block as one kernel call (kernels.make_block), None where it cannot run."""
+    and `block`, the whole block as one kernel call (kernels.make_block), None where it cannot run;
+    `n_head`, its attention's head count (fewer than the config's where heads were pruned)."""
 
     ln_1: tuple[torch.Tensor, torch.Tensor | None, float]
     c_attn: Linear
@@ -46,6 +47,7 @@ class LayerPlan:
     c_fc: Linear
     mlp_proj: Linear
     block: Callable | None = None
+    n_head: int = 0
 
 
 class DecodePlan:
@@ -66,14 +68,14 @@ class DecodePlan:
         def lin(m):
             return decode_linear(m, packed=packed, approximate=act)
 
-        self.n_head, self.shape = cfg.n_head, (cfg.n_embd,)
+        self.head_size, self.shape = cfg.head_size, (cfg.n_embd,)
         self.wte, self.wpe = tr.wte.weight, tr.wpe.weight
         self.layers = []
         for b in tr.h:
             fs = [lin(b.attn.c_attn), lin(b.attn.c_proj), lin(b.mlp.c_fc), lin(b.mlp.c_proj)]
             self.layers.append(LayerPlan((b.ln_1.weight, b.ln_1.bias, b.ln_1.eps), fs[0], fs[1],
                                          (b.ln_2.weight, b.ln_2.bias, b.ln_2.eps), fs[2], fs[3],
-                                         make_block(b, *fs, approximate=act)))
+                                         make_block(b, *fs, approximate=act), b.attn.n_head))
         self.ln_f = (tr.ln_f.weight, tr.ln_f.bias, tr.ln_f.eps)
         self.head = lin(model.lm_head)
 
@@ -89,8 +91,7 @@ def tick(plan: DecodePlan, cache: KVCache, tokens, pos, slots, L: int, mask, pro
     index tensor (read by a gather). With `attend`, each block whose `layer.block` kernel exists
     runs as that one call instead (it takes the rows' slots itself).
     """
-    n, nh, shape = tokens.size(0), plan.n_head, plan.shape
-    C = shape[0]
+    n, hs, shape = tokens.size(0), plan.head_size, plan.shape
     x = F.embedding(tokens, plan.wte) + F.embedding(pos, plan.wpe)  # (n, C)
     by_view = isinstance(slots, slice)
     index = torch.arange(n, device=x.device) if by_view and attend is None else slots  # rows' slots for writes
@@ -110,14 +111,14 @@ def tick(plan: DecodePlan, cache: KVCache, tokens, pos, slots, L: int, mask, pro
             if attend is not None:
                 y = attend(qkv, kc, vc, pos)  # (n, C)
             else:
-                q, k, v = qkv.view(n, 3, nh, C // nh).unbind(1)  # 3 x (n, nh, hs)
+                q, k, v = qkv.view(n, 3, layer.n_head, hs).unbind(1)  # 3 x (n, nh, hs)
                 if by_view:
                     kc, vc = kc[slots], vc[slots]  # (n, nh, max_len, hs) views
                 kc[index, :, pos] = k
                 vc[index, :, pos] = v
                 kc, vc = (kc[:, :, :L], vc[:, :, :L]) if by_view else (kc[slots, :, :L], vc[slots, :, :L])  # (n, nh, L, hs)
                 y = F.scaled_dot_product_attention(q.unsqueeze(2), kc, vc, attn_mask=mask)  # (n, nh, 1, hs)
-            layer.attn_proj(y.view(n, C), out=x, accumulate=True)  # x += c_proj(y), fused
+            layer.attn_proj(y.view(n, -1), out=x, accumulate=True)  # x += c_proj(y), fused
             layer.mlp_proj(layer.c_fc(F.layer_norm(x, shape, *layer.ln_2), gelu=True), out=x, accumulate=True)  # x += mlp(ln_2(x))
         if probe is not None:
             probe.residual(i, x)
@@ -160,7 +161,8 @@ class ModelRunner:
         cfg = model.config
         p = next(model.parameters())
         self.model, self.max_len, self.device = model, max_len, p.device
-        self.cache = KVCache(cfg.n_layer, slots, cfg.n_head, max_len, cfg.head_size, dtype=p.dtype, device=p.device)
+        heads = [b.attn.n_head for b in model.transformer.h]  # per layer: pruned heads differ
+        self.cache = KVCache(cfg.n_layer, slots, heads, max_len, cfg.head_size, dtype=p.dtype, device=p.device)
         self.plan = DecodePlan(model, packed=not compile)
         self.attend = None if compile else make_attend(self.cache.k[0])
         self.compiled = compile
@@ -210,7 +212,9 @@ class ModelRunner:
     def memory(self) -> dict[str, int]:
         """Bytes decoding holds: the model's weights, the packed copies of its linears, the KV cache."""
         linears = [f for layer in self.plan.layers for f in (layer.c_attn, layer.attn_proj, layer.c_fc, layer.mlp_proj)]
-        packed = sum(f.packed.nbytes for f in linears + [self.plan.head] if f.packed is not None)
+        parts = [t for f in linears + [self.plan.head] if f.packed is not None
+                 for t in (f.packed if isinstance(f.packed, tuple) else (f.packed,)) if t is not None]
+        packed = sum(t.nbytes for t in {id(t): t for t in parts}.values())  # quantized: (panels, scales)
         weights = sum(p.nbytes for p in self.model.parameters())  # the tied head counted once
         return {"weights": weights, "packed copies": packed, "kv cache": self.cache.nbytes}
 
