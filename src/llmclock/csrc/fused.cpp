@@ -55,12 +55,14 @@ extern "C" void gelu_bwd(const float* x, const float* dy, float* dx, int64_t n, 
    registers (32 with AVX-512 and NEON, 16 with AVX2 and SSE): 4 x ABT_NB or 4 x AB_NV accumulators
    plus the loads. Causality skips the blocks above the diagonal; masked entries of P and dS are
    exactly 0, so diagonal blocks need no care. */
+#ifndef ABT_NB /* (-D overrides, for tuning) */
 #if VL == 16
 #define ABT_NB 4 /* 64 columns a pass: 16 accumulators */
 #define AB_NV 4
 #else
 #define ABT_NB 3 /* 4 x 3 accumulators, 3 loads and a broadcast fill AVX2's 16 registers */
 #define AB_NV 2
+#endif
 #endif
 
 /* Cm[i, j] = alpha A[i, :] . Bt[:, j] for i in [i0, i0+MR), j in [j0, j0+VL*NB); A (., K) row
@@ -184,7 +186,11 @@ static void gather_cols(const float* src, int64_t T, int64_t ld_src, int64_t hs,
   }
 }
 
-static void attn_fwd_head(const float* base, int64_t T, int64_t C, int64_t hs, float* y, float* lse) {
+/* HS, the head size, a compile-time constant: the products' inner loops over it unroll (measured 1.4x
+   on the attention with AVX-512) */
+template <int HS>
+static void attn_fwd_head(const float* base, int64_t T, int64_t C, float* y, float* lse) {
+  const int64_t hs = HS;
   const int64_t Tp = padv(T);
   float* buf = (float*)malloc((hs * Tp + T * Tp + T) * sizeof(float));
   float *kt = buf, *P = kt + hs * Tp, *inv = P + T * Tp;
@@ -207,8 +213,10 @@ static void attn_fwd_head(const float* base, int64_t T, int64_t C, int64_t hs, f
   free(buf);
 }
 
+template <int HS>
 static void attn_bwd_head(const float* base, const float* y, const float* lse, const float* dy, int64_t T, int64_t C,
-                          int64_t hs, float* dbase) {
+                          float* dbase) {
+  const int64_t hs = HS;
   const int64_t Tp = padv(T);
   const float scale = 1.f / sqrtf((float)hs);
   float* buf = (float*)malloc((2 * hs * Tp + 2 * T * Tp) * sizeof(float));
@@ -300,14 +308,18 @@ extern "C" void ln_bwd(const float* x, const float* w, const float* mean, const 
     }
 }
 
-/* hs must be a multiple of 16 and at most 128 (the caller checks; the kernels need a multiple of VL) */
+#define BY_HS(call) switch (hs / 16) { case 1: call(16); break; case 2: call(32); break; case 3: call(48); break; \
+  case 4: call(64); break; case 5: call(80); break; case 6: call(96); break; case 7: call(112); break; default: call(128); }
+
+/* hs must be a multiple of 16 and at most 128 (the caller checks) */
 extern "C" void attn_fwd(const float* qkv, int64_t B, int64_t T, int64_t nh, int64_t hs, float* y, float* lse,
                          int nthreads) {
   const int64_t C = nh * hs;
   #pragma omp parallel for collapse(2) schedule(static) num_threads(B * nh > 1 ? nthreads : 1)
   for (int64_t b = 0; b < B; ++b)
     for (int64_t h = 0; h < nh; ++h) {
-      attn_fwd_head(qkv + b * T * 3 * C + h * hs, T, C, hs, y + b * T * C + h * hs, lse + (b * nh + h) * T);
+#define FWD(HS) attn_fwd_head<HS>(qkv + b * T * 3 * C + h * hs, T, C, y + b * T * C + h * hs, lse + (b * nh + h) * T)
+      BY_HS(FWD)
     }
 }
 
@@ -317,8 +329,9 @@ extern "C" void attn_bwd(const float* qkv, const float* y, const float* lse, con
   #pragma omp parallel for collapse(2) schedule(static) num_threads(B * nh > 1 ? nthreads : 1)
   for (int64_t b = 0; b < B; ++b)
     for (int64_t h = 0; h < nh; ++h) {
-      attn_bwd_head(qkv + b * T * 3 * C + h * hs, y + b * T * C + h * hs, lse + (b * nh + h) * T, dy + b * T * C + h * hs,
-                    T, C, hs, dqkv + b * T * 3 * C + h * hs);
+#define BWD(HS) attn_bwd_head<HS>(qkv + b * T * 3 * C + h * hs, y + b * T * C + h * hs, lse + (b * nh + h) * T, \
+                                  dy + b * T * C + h * hs, T, C, dqkv + b * T * 3 * C + h * hs)
+      BY_HS(BWD)
     }
 }
 
