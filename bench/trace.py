@@ -10,7 +10,9 @@ positions and the same drift in the machine's speed. tokens/s of a mode = batch 
 over all rounds (the median shrugs off other processes' bursts on a shared machine, where whole-run
 timings swing by 2x); the mean-based figure is printed beside it.
 
-    PYTHONPATH=src python bench/trace.py [--rounds N] [--budget-s S]
+    PYTHONPATH=src python bench/trace.py [--rounds N] [--budget-s S] [--new-tokens N] [--preset NAME]
+
+A quick check that it runs end to end: --rounds 2 --new-tokens 8 --preset demo.
 
 Last line: RESULT trace_on_vs_off=<x> lens_vs_off=<x>, each the geometric mean over batch 1 and 8.
 """
@@ -73,21 +75,27 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=6, help="generations per batch size (at least 2 run)")
     ap.add_argument("--budget-s", type=float, default=150, help="stop adding rounds past this many seconds")
+    ap.add_argument("--new-tokens", type=int, default=NEW, help="new tokens per sequence (a short run: 8)")
+    ap.add_argument("--preset", default="gpt2", help="model shape (config.PRESETS; a short run: demo)")
     a = ap.parse_args()
+    if a.new_tokens < 1 or a.rounds < 1:
+        raise SystemExit("llmclock: error: --new-tokens and --rounds must be at least 1")
+    new = a.new_tokens
     torch.set_num_threads(2)
     torch.manual_seed(0)
-    model = GPT(preset("gpt2", vocab_size=50257)).eval()
+    model = GPT(preset(a.preset, vocab_size=50257)).eval()
+    name = "GPT-2 124M" if a.preset == "gpt2" else f"preset {a.preset!r} ({model.num_params() / 1e6:.1f}M)"
     t0 = time.perf_counter()
     table, ratios = [], {"on": [], "lens": []}
     for b, batch in enumerate((1, 8)):
-        engine = Engine(model, CharTok(), slots=batch, max_len=PROMPT_LEN + NEW)
-        one_round(engine, batch, 0, new=6)  # warm-up
+        engine = Engine(model, CharTok(), slots=batch, max_len=PROMPT_LEN + new)
+        one_round(engine, batch, 0, new=min(6, new))  # warm-up
         ticks: dict[str, list[float]] = {m: [] for m in MODES}
         n = 0
         for r in range(a.rounds):
             if r >= 2 and time.perf_counter() - t0 > a.budget_s * (b + 1) / 2:
                 break
-            for m, v in one_round(engine, batch, r).items():
+            for m, v in one_round(engine, batch, r, new=new).items():
                 ticks[m] += v
             n += 1
         median = {m: batch / statistics.median(v) for m, v in ticks.items()}
@@ -95,10 +103,10 @@ def main() -> None:
         for m, v in ratios.items():
             v.append(median[m] / median["off"])
         table.append((batch, n, median, mean))
-    print(f"GPT-2 124M fp32 CPU, 2 threads; {PROMPT_LEN}-token prompts, {NEW} new tokens; modes interleaved "
+    print(f"{name} fp32 CPU, 2 threads; {PROMPT_LEN}-token prompts, {new} new tokens; modes interleaved "
           f"per cycle; decode tokens/s from the median tick (mean tick in brackets); "
           f"{time.perf_counter() - t0:.0f} s in all")
-    print(f"{'batch':>5} {'rounds':>6} {'off':>16} {'on':>16} {'lens (all 12)':>16} {'on/off':>13} {'lens/off':>13}")
+    print(f"{'batch':>5} {'rounds':>6} {'off':>16} {'on':>16} {'lens (all)':>16} {'on/off':>13} {'lens/off':>13}")
     for batch, n, med, mean in table:
         cells = " ".join(f"{med[m]:>7.2f} [{mean[m]:>6.2f}]" for m in MODES)
         rat = " ".join(f"{med[m] / med['off']:>5.3f} [{mean[m] / mean['off']:.3f}]" for m in ("on", "lens"))

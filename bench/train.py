@@ -172,6 +172,8 @@ def main() -> None:
         print(json.dumps(result))
         return
 
+    if not Path(args.data).is_file():
+        raise SystemExit(f"llmclock: error: no text file at {args.data} (pass --data FILE)")
     with tempfile.TemporaryDirectory(prefix="llmclock-bench-train-") as tmp:
         tmp = Path(tmp)
         text = Path(args.data).read_text(encoding="utf-8")

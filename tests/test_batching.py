@@ -90,6 +90,39 @@ def test_ticks_compute_only_running_rows(tiny_model, char_tok, compiled_attentio
         assert Engine(tiny_model, char_tok).complete([p], [sp])[0].token_ids == s.output_ids
 
 
+@pytest.mark.slow
+def test_compiled_tick_computes_only_running_rows(tiny_model, char_tok):
+    """compile=True: ticks run one row per running sequence too (slots 1 and 2, later 0 and 2), give a
+    lone eager run's tokens, and the number of rows and the attended length vary within a few graphs
+    (dynamic shapes) rather than one graph per shape. (No probe: its calls would break the graph.)"""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    prompts = PROMPTS + ["Before we proceed"]
+    params = [_greedy(n) for n in (3, 8, 14, 9)]
+    eng = Engine(tiny_model, char_tok, slots=3, compile=True)
+    ticks, compiled = [], eng.runner._tick
+
+    def spy(plan, cache, tokens, pos, slots, *rest):
+        ticks.append((tokens.size(0), slots.tolist()))
+        return compiled(plan, cache, tokens, pos, slots, *rest)
+
+    eng.runner._tick = spy
+    seqs = [eng.add(p, sp) for p, sp in zip(prompts[:3], params)]
+    while seqs[0].finish_reason is None:
+        eng.step()
+    eng.step(), eng.step()
+    seqs.append(eng.add(prompts[3], params[3]))
+    while eng.has_work():
+        eng.step()
+    assert all(n == len(slots) for n, slots in ticks)
+    assert any(slots == [1, 2] for _, slots in ticks) and any(slots == [0, 2] for _, slots in ticks)
+    for p, sp, s in zip(prompts, params, seqs):
+        assert Engine(tiny_model, char_tok).complete([p], [sp])[0].token_ids == s.output_ids
+    assert len(ticks) > 10 and counters["stats"]["unique_graphs"] <= 4  # not one graph per (rows, length)
+
+
 def test_mixed_sampling_settings_in_one_batch_equal_each_alone(tiny_model, char_tok):
     """Greedy, seeded sampling, logit bias and the three penalties side by side: batched, each row as alone."""
     e_id = char_tok.encode("e")[0]

@@ -41,7 +41,7 @@ def _sdpa(qkv, n_head):
     return F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(B, T, C3 // 3)
 
 
-@pytest.mark.parametrize("B,T,nh,hs", [(2, 64, 4, 32), (1, 1, 2, 16), (3, 37, 3, 64), (1, 130, 1, 48), (2, 9, 2, 5)])
+@pytest.mark.parametrize("B,T,nh,hs", [(2, 64, 4, 32), (1, 1, 2, 16), (3, 37, 3, 64), (1, 130, 1, 48), (2, 9, 2, 5), (1, 45, 2, 128)])
 def test_causal_attention_matches_sdpa(mode, B, T, nh, hs):
     qkv = torch.randn(B, T, 3 * nh * hs, generator=torch.Generator().manual_seed(T))
     y, (g,) = _grads(lambda t: fused.causal_attention(t, nh), qkv)

@@ -24,13 +24,13 @@ static inline vf gelu_grad_v(vf x, int approx) {
   return cdf + x * pdf;
 }
 
-/* one template for both passes: n elements, 16 at a time, the tail through a zero-padded copy */
+/* one template for both passes: n elements, VL at a time, the tail through a zero-padded copy */
 template <class F>
 static inline void elementwise(int64_t n, int nthreads, F f) {
-  const int64_t nv = n / 16;
+  const int64_t nv = n / VL;
   #pragma omp parallel for schedule(static) num_threads(n > 32768 ? nthreads : 1)
-  for (int64_t i = 0; i < nv; ++i) f(16 * i, 16);
-  if (n % 16) f(16 * nv, n % 16);
+  for (int64_t i = 0; i < nv; ++i) f(VL * i, VL);
+  if (n % VL) f(VL * nv, n % VL);
 }
 
 extern "C" void gelu_fwd(const float* x, float* y, int64_t n, int approx, int nthreads) {
@@ -47,13 +47,25 @@ extern "C" void gelu_bwd(const float* x, const float* dy, float* dx, int64_t n, 
    qkv (B, T, 3C) holds q | k | v per row, head h at columns h*hs of each; y (B, T, C); lse (B, nh, T).
    Per (batch, head), with s = 1/sqrt(hs): S = s Q K^T, P = softmax(S), Y = P V; backward
    dP = dY V^T, dS = P (dP - rowsum(dY Y)), dQ = s dS K, dK = s dS^T Q, dV = P^T dY. S and dS are
-   (T, Tp) tiles in cache (Tp = T rounded up to 16); Q, K, V, Y and dY are read in place from their
-   (B, T, .) tensors and K^T, V^T copied into (hs, Tp) panels. Two register-blocked kernels do every
-   product, 4 output rows at a time: abt (rows against a transposed panel, 64 columns per pass) and
-   ab (weighted sums of rows, or with TRANS of columns of the weights). Causality skips the blocks
-   above the diagonal; masked entries of P and dS are exactly 0, so diagonal blocks need no care. */
+   (T, Tp) tiles (Tp = T rounded up to the vector width VL); Q, K, V, Y and dY are read in place
+   from their (B, T, .) tensors and K^T, V^T copied into (hs, Tp) panels. Two register-blocked
+   kernels do every product, 4 output rows at a time: abt (rows against a transposed panel, ABT_NB
+   vectors of columns per pass) and ab (weighted sums of rows, or with TRANS of columns of the
+   weights, AB_NV vectors of the head's columns per pass). The blocks are sized to the target's
+   registers (32 with AVX-512 and NEON, 16 with AVX2 and SSE): 4 x ABT_NB or 4 x AB_NV accumulators
+   plus the loads. Causality skips the blocks above the diagonal; masked entries of P and dS are
+   exactly 0, so diagonal blocks need no care. */
+#ifndef ABT_NB /* (-D overrides, for tuning) */
+#if VL == 16
+#define ABT_NB 4 /* 64 columns a pass: 16 accumulators */
+#define AB_NV 4
+#else
+#define ABT_NB 3 /* 4 x 3 accumulators, 3 loads and a broadcast fill AVX2's 16 registers */
+#define AB_NV 2
+#endif
+#endif
 
-/* Cm[i, j] = alpha A[i, :] . Bt[:, j] for i in [i0, i0+MR), j in [j0, j0+16*NB); A (., K) row
+/* Cm[i, j] = alpha A[i, :] . Bt[:, j] for i in [i0, i0+MR), j in [j0, j0+VL*NB); A (., K) row
    stride lda, Bt (K, ldb). MR x NB accumulators stay in registers. */
 template <int MR, int NB>
 static inline void abt_block(const float* A, int64_t lda, const float* Bt, int64_t ldb, int64_t K, float alpha,
@@ -64,41 +76,48 @@ static inline void abt_block(const float* A, int64_t lda, const float* Bt, int64
   for (int64_t k = 0; k < K; ++k) {
     const float* b = Bt + k * ldb + j0;
     vf bv[NB];
-    for (int q = 0; q < NB; ++q) bv[q] = ld(b + 16 * q);
+    for (int q = 0; q < NB; ++q) bv[q] = ld(b + VL * q);
     for (int r = 0; r < MR; ++r) {
       const float x = a[r * lda + k];
       for (int q = 0; q < NB; ++q) c[r][q] += x * bv[q];
     }
   }
-  for (int r = 0; r < MR; ++r) for (int q = 0; q < NB; ++q) st(Cm + (i0 + r) * ldc + j0 + 16 * q, c[r][q] * alpha);
+  for (int r = 0; r < MR; ++r) for (int q = 0; q < NB; ++q) st(Cm + (i0 + r) * ldc + j0 + VL * q, c[r][q] * alpha);
 }
 
+/* the last nb < ABT_NB vectors of columns, from j0 */
+template <int MR, int NB>
+static inline void abt_tail(int64_t nb, const float* A, int64_t lda, const float* Bt, int64_t ldb, int64_t K,
+                            float alpha, float* Cm, int64_t ldc, int64_t i0, int64_t j0) {
+  if constexpr (NB > 0) {
+    if (nb == NB) abt_block<MR, NB>(A, lda, Bt, ldb, K, alpha, Cm, ldc, i0, j0);
+    else abt_tail<MR, NB - 1>(nb, A, lda, Bt, ldb, K, alpha, Cm, ldc, i0, j0);
+  }
+}
+
+/* rows [i0, i0+MR) of Cm, columns [0, ncols), ncols a multiple of VL */
 template <int MR>
 static void abt_rows(const float* A, int64_t lda, const float* Bt, int64_t ldb, int64_t K, float alpha, float* Cm,
-                     int64_t ldc, int64_t i0, int64_t n16) {
+                     int64_t ldc, int64_t i0, int64_t ncols) {
   int64_t j0 = 0;
-  for (; j0 + 64 <= n16; j0 += 64) abt_block<MR, 4>(A, lda, Bt, ldb, K, alpha, Cm, ldc, i0, j0);
-  switch ((n16 - j0) / 16) {
-    case 3: abt_block<MR, 3>(A, lda, Bt, ldb, K, alpha, Cm, ldc, i0, j0); break;
-    case 2: abt_block<MR, 2>(A, lda, Bt, ldb, K, alpha, Cm, ldc, i0, j0); break;
-    case 1: abt_block<MR, 1>(A, lda, Bt, ldb, K, alpha, Cm, ldc, i0, j0); break;
-  }
+  for (; j0 + ABT_NB * VL <= ncols; j0 += ABT_NB * VL) abt_block<MR, ABT_NB>(A, lda, Bt, ldb, K, alpha, Cm, ldc, i0, j0);
+  abt_tail<MR, ABT_NB - 1>((ncols - j0) / VL, A, lda, Bt, ldb, K, alpha, Cm, ldc, i0, j0);
 }
 
 /* the causal part of Cm = alpha A Bt: for each block of 4 rows, the columns up to its diagonal */
 static void abt_causal(const float* A, int64_t lda, const float* Bt, int64_t ldb, int64_t K, float alpha, float* Cm,
                        int64_t ldc, int64_t T) {
   int64_t i0 = 0;
-  for (; i0 + 4 <= T; i0 += 4) abt_rows<4>(A, lda, Bt, ldb, K, alpha, Cm, ldc, i0, pad16(i0 + 4));
+  for (; i0 + 4 <= T; i0 += 4) abt_rows<4>(A, lda, Bt, ldb, K, alpha, Cm, ldc, i0, padv(i0 + 4));
   switch (T - i0) {
-    case 3: abt_rows<3>(A, lda, Bt, ldb, K, alpha, Cm, ldc, i0, pad16(T)); break;
-    case 2: abt_rows<2>(A, lda, Bt, ldb, K, alpha, Cm, ldc, i0, pad16(T)); break;
-    case 1: abt_rows<1>(A, lda, Bt, ldb, K, alpha, Cm, ldc, i0, pad16(T)); break;
+    case 3: abt_rows<3>(A, lda, Bt, ldb, K, alpha, Cm, ldc, i0, padv(T)); break;
+    case 2: abt_rows<2>(A, lda, Bt, ldb, K, alpha, Cm, ldc, i0, padv(T)); break;
+    case 1: abt_rows<1>(A, lda, Bt, ldb, K, alpha, Cm, ldc, i0, padv(T)); break;
   }
 }
 
-/* Y[i, :] = alpha rs[i] sum_{j in [j0, j1)} W'[i, j] R[j, :] for i in [i0, i0+MR), where W' = W, or
-   W^T with TRANS; R rows of 16*NV with stride ldr; rs (row scales) may be null. */
+/* Y[i, :VL*NV] = alpha rs[i] sum_{j in [j0, j1)} W'[i, j] R[j, :VL*NV] for i in [i0, i0+MR), where
+   W' = W, or W^T with TRANS; R rows with stride ldr; rs (row scales) may be null. */
 template <int NV, int MR, bool TRANS>
 static inline void ab_block(const float* W, int64_t ldw, const float* R, int64_t ldr, int64_t j0, int64_t j1,
                             float alpha, const float* rs, float* Y, int64_t ldy, int64_t i0) {
@@ -106,7 +125,7 @@ static inline void ab_block(const float* W, int64_t ldw, const float* R, int64_t
   for (int r = 0; r < MR; ++r) for (int v = 0; v < NV; ++v) c[r][v] = (vf){};
   for (int64_t j = j0; j < j1; ++j) {
     vf rv[NV];
-    for (int v = 0; v < NV; ++v) rv[v] = ld(R + j * ldr + 16 * v);
+    for (int v = 0; v < NV; ++v) rv[v] = ld(R + j * ldr + VL * v);
     for (int r = 0; r < MR; ++r) {
       const float x = TRANS ? W[j * ldw + i0 + r] : W[(i0 + r) * ldw + j];
       for (int v = 0; v < NV; ++v) c[r][v] += x * rv[v];
@@ -114,30 +133,47 @@ static inline void ab_block(const float* W, int64_t ldw, const float* R, int64_t
   }
   for (int r = 0; r < MR; ++r) {
     const float f = rs ? alpha * rs[i0 + r] : alpha;
-    for (int v = 0; v < NV; ++v) st(Y + (i0 + r) * ldy + 16 * v, c[r][v] * f);
+    for (int v = 0; v < NV; ++v) st(Y + (i0 + r) * ldy + VL * v, c[r][v] * f);
   }
 }
 
-/* all T rows of Y = alpha rs W' R, causally: row i sums j <= i (W' = W) or j >= i (W' = W^T) */
-template <int NV, bool TRANS>
-static void ab_causal(const float* W, int64_t ldw, const float* R, int64_t ldr, int64_t T, float alpha,
+/* rows [i0, i0+MR) of Y, all hs columns, AB_NV vectors at a time (nv < AB_NV in the tail) */
+template <int MR, bool TRANS, int NV = AB_NV>
+static inline void ab_cols(const float* W, int64_t ldw, const float* R, int64_t ldr, int64_t hs, int64_t j0,
+                           int64_t j1, float alpha, const float* rs, float* Y, int64_t ldy, int64_t i0) {
+  if constexpr (NV == AB_NV) {
+    int64_t c = 0;
+    for (; c + AB_NV * VL <= hs; c += AB_NV * VL)
+      ab_block<AB_NV, MR, TRANS>(W, ldw, R + c, ldr, j0, j1, alpha, rs, Y + c, ldy, i0);
+    if (c < hs) ab_cols<MR, TRANS, AB_NV - 1>(W, ldw, R + c, ldr, hs - c, j0, j1, alpha, rs, Y + c, ldy, i0);
+  } else if constexpr (NV > 0) {
+    if (hs == NV * VL) ab_block<NV, MR, TRANS>(W, ldw, R, ldr, j0, j1, alpha, rs, Y, ldy, i0);
+    else ab_cols<MR, TRANS, NV - 1>(W, ldw, R, ldr, hs, j0, j1, alpha, rs, Y, ldy, i0);
+  }
+}
+
+/* all T rows of Y = alpha rs W' R (hs columns, a multiple of VL), causally: row i sums j <= i
+   (W' = W) or j >= i (W' = W^T) */
+template <bool TRANS>
+static void ab_causal(const float* W, int64_t ldw, const float* R, int64_t ldr, int64_t T, int64_t hs, float alpha,
                       const float* rs, float* Y, int64_t ldy) {
   for (int64_t i0 = 0; i0 < T; i0 += 4) {
     const int64_t j0 = TRANS ? i0 : 0, j1 = TRANS ? T : (i0 + 4 < T ? i0 + 4 : T);
     switch (T - i0 < 4 ? T - i0 : 4) {
-      case 4: ab_block<NV, 4, TRANS>(W, ldw, R, ldr, j0, j1, alpha, rs, Y, ldy, i0); break;
-      case 3: ab_block<NV, 3, TRANS>(W, ldw, R, ldr, j0, j1, alpha, rs, Y, ldy, i0); break;
-      case 2: ab_block<NV, 2, TRANS>(W, ldw, R, ldr, j0, j1, alpha, rs, Y, ldy, i0); break;
-      default: ab_block<NV, 1, TRANS>(W, ldw, R, ldr, j0, j1, alpha, rs, Y, ldy, i0);
+      case 4: ab_cols<4, TRANS>(W, ldw, R, ldr, hs, j0, j1, alpha, rs, Y, ldy, i0); break;
+      case 3: ab_cols<3, TRANS>(W, ldw, R, ldr, hs, j0, j1, alpha, rs, Y, ldy, i0); break;
+      case 2: ab_cols<2, TRANS>(W, ldw, R, ldr, hs, j0, j1, alpha, rs, Y, ldy, i0); break;
+      default: ab_cols<1, TRANS>(W, ldw, R, ldr, hs, j0, j1, alpha, rs, Y, ldy, i0);
     }
   }
 }
 
-/* row i of a score tile: -inf after the diagonal, in the 16 columns ending at Lp = pad16(i + 1). One
+/* row i of a score tile: -inf after the diagonal, in the VL columns ending at Lp = padv(i + 1). One
    vector store, so the vector loads that follow are forwarded from it (scalar stores would stall them). */
 static inline void causal_mask(float* row, int64_t Lp, int64_t i) {
-  const vf lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
-  const int64_t j0 = Lp - 16;
+  vf lane;
+  for (int l = 0; l < VL; ++l) lane[l] = (float)l;
+  const int64_t j0 = Lp - VL;
   st(row + j0, lane + (float)j0 > (float)i ? splat(-INFINITY) : ld(row + j0));
 }
 
@@ -150,34 +186,38 @@ static void gather_cols(const float* src, int64_t T, int64_t ld_src, int64_t hs,
   }
 }
 
-template <int NV>
+/* HS, the head size, a compile-time constant: the products' inner loops over it unroll (measured 1.4x
+   on the attention with AVX-512) */
+template <int HS>
 static void attn_fwd_head(const float* base, int64_t T, int64_t C, float* y, float* lse) {
-  const int64_t hs = 16 * NV, Tp = pad16(T);
+  const int64_t hs = HS;
+  const int64_t Tp = padv(T);
   float* buf = (float*)malloc((hs * Tp + T * Tp + T) * sizeof(float));
   float *kt = buf, *P = kt + hs * Tp, *inv = P + T * Tp;
   gather_cols(base + C, T, 3 * C, hs, kt, Tp);
   abt_causal(base, 3 * C, kt, Tp, hs, 1.f / sqrtf((float)hs), P, Tp, T);
   for (int64_t i = 0; i < T; ++i) {  /* P = exp(S - max), unnormalised; 1/sum goes to the output */
     float* s = P + i * Tp;
-    const int64_t Lp = pad16(i + 1);
+    const int64_t Lp = padv(i + 1);
     causal_mask(s, Lp, i);
     vf vm = ld(s);
-    for (int64_t j = 16; j < Lp; j += 16) { const vf x = ld(s + j); vm = x > vm ? x : vm; }
+    for (int64_t j = VL; j < Lp; j += VL) { const vf x = ld(s + j); vm = x > vm ? x : vm; }
     const float m = hmax(vm);
     vf acc = {};
-    for (int64_t j = 0; j < Lp; j += 16) { const vf e = vexp(ld(s + j) - m); st(s + j, e); acc += e; }
+    for (int64_t j = 0; j < Lp; j += VL) { const vf e = vexp(ld(s + j) - m); st(s + j, e); acc += e; }
     const float sum = hsum(acc);
     inv[i] = 1.f / sum;
     lse[i] = m + logf(sum);
   }
-  ab_causal<NV, false>(P, Tp, base + 2 * C, 3 * C, T, 1.f, inv, y, C);
+  ab_causal<false>(P, Tp, base + 2 * C, 3 * C, T, hs, 1.f, inv, y, C);
   free(buf);
 }
 
-template <int NV>
+template <int HS>
 static void attn_bwd_head(const float* base, const float* y, const float* lse, const float* dy, int64_t T, int64_t C,
                           float* dbase) {
-  const int64_t hs = 16 * NV, Tp = pad16(T);
+  const int64_t hs = HS;
+  const int64_t Tp = padv(T);
   const float scale = 1.f / sqrtf((float)hs);
   float* buf = (float*)malloc((2 * hs * Tp + 2 * T * Tp) * sizeof(float));
   float *kt = buf, *vt = kt + hs * Tp, *P = vt + hs * Tp, *dS = P + T * Tp;
@@ -187,25 +227,25 @@ static void attn_bwd_head(const float* base, const float* y, const float* lse, c
   abt_causal(dy, C, vt, Tp, hs, 1.f, dS, Tp, T);          /* dP */
   for (int64_t i = 0; i < T; ++i) {  /* P = exp(S - lse); dS = P (dP - D), D = dY_i . Y_i */
     vf dd = {};
-    for (int v = 0; v < NV; ++v) dd += ld(dy + i * C + 16 * v) * ld(y + i * C + 16 * v);
+    for (int64_t c = 0; c < hs; c += VL) dd += ld(dy + i * C + c) * ld(y + i * C + c);
     const float D = hsum(dd), m = lse[i];
     float *p = P + i * Tp, *ds = dS + i * Tp;
-    const int64_t Lp = pad16(i + 1);
+    const int64_t Lp = padv(i + 1);
     causal_mask(p, Lp, i);
-    for (int64_t j = 0; j < Lp; j += 16) {
+    for (int64_t j = 0; j < Lp; j += VL) {
       const vf e = vexp(ld(p + j) - m);
       st(p + j, e);
       st(ds + j, e * (ld(ds + j) - D));
     }
-    for (int64_t j = Lp; j < Tp; j += 16) { st(p + j, (vf){}); st(ds + j, (vf){}); }  /* read by the TRANS sums below */
+    for (int64_t j = Lp; j < Tp; j += VL) { st(p + j, (vf){}); st(ds + j, (vf){}); }  /* defined, never read as garbage */
   }
-  ab_causal<NV, false>(dS, Tp, base + C, 3 * C, T, scale, 0, dbase, 3 * C);     /* dQ = s dS K */
-  ab_causal<NV, true>(dS, Tp, base, 3 * C, T, scale, 0, dbase + C, 3 * C);      /* dK = s dS^T Q */
-  ab_causal<NV, true>(P, Tp, dy, C, T, 1.f, 0, dbase + 2 * C, 3 * C);           /* dV = P^T dY */
+  ab_causal<false>(dS, Tp, base + C, 3 * C, T, hs, scale, 0, dbase, 3 * C);     /* dQ = s dS K */
+  ab_causal<true>(dS, Tp, base, 3 * C, T, hs, scale, 0, dbase + C, 3 * C);      /* dK = s dS^T Q */
+  ab_causal<true>(P, Tp, dy, C, T, hs, 1.f, 0, dbase + 2 * C, 3 * C);           /* dV = P^T dY */
   free(buf);
 }
 
-/* ---- LayerNorm over the last dim (n rows of C, C a multiple of 16): y = (x - mean) rstd w + b ----
+/* ---- LayerNorm over the last dim (n rows of C, C a multiple of 16, so of VL): y = (x - mean) rstd w + b ----
    Keeps mean and rstd per row. Rows are independent; the backward's dw and db are per-thread
    partial sums added at the end. */
 extern "C" void ln_fwd(const float* x, const float* w, const float* b, int64_t n, int64_t C, float eps, float* y,
@@ -214,13 +254,19 @@ extern "C" void ln_fwd(const float* x, const float* w, const float* b, int64_t n
   for (int64_t i = 0; i < n; ++i) {
     const float* xr = x + i * C;
     float* yr = y + i * C;
-    vf s = {};
-    for (int64_t c = 0; c < C; c += 16) s += ld(xr + c);
-    const float m = hsum(s) / C;
-    vf ss = {};
-    for (int64_t c = 0; c < C; c += 16) { const vf d = ld(xr + c) - m; ss += d * d; }
-    const float r = 1.f / sqrtf(hsum(ss) / C + eps);
-    for (int64_t c = 0; c < C; c += 16) st(yr + c, (ld(xr + c) - m) * r * ld(w + c) + (b ? ld(b + c) : (vf){}));
+    vf s = {}, s1 = {};  /* two chains of adds */
+    int64_t c = 0;
+    for (; c + 2 * VL <= C; c += 2 * VL) { s += ld(xr + c); s1 += ld(xr + c + VL); }
+    if (c < C) s += ld(xr + c);
+    const float m = hsum(s + s1) / C;
+    vf ss = {}, ss1 = {};
+    for (c = 0; c + 2 * VL <= C; c += 2 * VL) {
+      const vf d = ld(xr + c) - m, d1 = ld(xr + c + VL) - m;
+      ss += d * d; ss1 += d1 * d1;
+    }
+    if (c < C) { const vf d = ld(xr + c) - m; ss += d * d; }
+    const float r = 1.f / sqrtf(hsum(ss + ss1) / C + eps);
+    for (c = 0; c < C; c += VL) st(yr + c, (ld(xr + c) - m) * r * ld(w + c) + (b ? ld(b + c) : (vf){}));
     mean[i] = m;
     rstd[i] = r;
   }
@@ -242,7 +288,7 @@ extern "C" void ln_bwd(const float* x, const float* w, const float* mean, const 
       const float *xr = x + i * C, *g = dy + i * C;
       const float m = mean[i], r = rstd[i];
       vf sg = {}, sgx = {};
-      for (int64_t c = 0; c < C; c += 16) {
+      for (int64_t c = 0; c < C; c += VL) {
         const vf xh = (ld(xr + c) - m) * r, gc = ld(g + c), gw = gc * ld(w + c);
         sg += gw; sgx += gw * xh;
         st(pw + c, ld(pw + c) + gc * xh);
@@ -251,7 +297,7 @@ extern "C" void ln_bwd(const float* x, const float* w, const float* mean, const 
       const float mg = hsum(sg) / C, mgx = hsum(sgx) / C;
       float* d = dx + i * C;
       const float* res = dres ? dres + i * C : 0;
-      for (int64_t c = 0; c < C; c += 16)
+      for (int64_t c = 0; c < C; c += VL)
         st(d + c, (res ? ld(res + c) : (vf){}) + r * (ld(g + c) * ld(w + c) - mg - (ld(xr + c) - m) * r * mgx));
     }
   }
@@ -262,8 +308,8 @@ extern "C" void ln_bwd(const float* x, const float* w, const float* mean, const 
     }
 }
 
-#define BY_NV(call) switch (hs / 16) { case 1: call(1); break; case 2: call(2); break; case 3: call(3); break; \
-  case 4: call(4); break; case 5: call(5); break; case 6: call(6); break; case 7: call(7); break; default: call(8); }
+#define BY_HS(call) switch (hs / 16) { case 1: call(16); break; case 2: call(32); break; case 3: call(48); break; \
+  case 4: call(64); break; case 5: call(80); break; case 6: call(96); break; case 7: call(112); break; default: call(128); }
 
 /* hs must be a multiple of 16 and at most 128 (the caller checks) */
 extern "C" void attn_fwd(const float* qkv, int64_t B, int64_t T, int64_t nh, int64_t hs, float* y, float* lse,
@@ -272,8 +318,8 @@ extern "C" void attn_fwd(const float* qkv, int64_t B, int64_t T, int64_t nh, int
   #pragma omp parallel for collapse(2) schedule(static) num_threads(B * nh > 1 ? nthreads : 1)
   for (int64_t b = 0; b < B; ++b)
     for (int64_t h = 0; h < nh; ++h) {
-#define FWD(nv) attn_fwd_head<nv>(qkv + b * T * 3 * C + h * hs, T, C, y + b * T * C + h * hs, lse + (b * nh + h) * T)
-      BY_NV(FWD)
+#define FWD(HS) attn_fwd_head<HS>(qkv + b * T * 3 * C + h * hs, T, C, y + b * T * C + h * hs, lse + (b * nh + h) * T)
+      BY_HS(FWD)
     }
 }
 
@@ -283,9 +329,9 @@ extern "C" void attn_bwd(const float* qkv, const float* y, const float* lse, con
   #pragma omp parallel for collapse(2) schedule(static) num_threads(B * nh > 1 ? nthreads : 1)
   for (int64_t b = 0; b < B; ++b)
     for (int64_t h = 0; h < nh; ++h) {
-#define BWD(nv) attn_bwd_head<nv>(qkv + b * T * 3 * C + h * hs, y + b * T * C + h * hs, lse + (b * nh + h) * T, \
+#define BWD(HS) attn_bwd_head<HS>(qkv + b * T * 3 * C + h * hs, y + b * T * C + h * hs, lse + (b * nh + h) * T, \
                                   dy + b * T * C + h * hs, T, C, dqkv + b * T * 3 * C + h * hs)
-      BY_NV(BWD)
+      BY_HS(BWD)
     }
 }
 
@@ -324,8 +370,8 @@ static void mm_atb(int M, int N, int K, const float* D, const float* X, float* G
 static void rows_plus_bias(float* y, const float* res, const float* b, int64_t n, int64_t N, int nthreads) {
   #pragma omp parallel for schedule(static) num_threads(n * N > 32768 ? nthreads : 1)
   for (int64_t i = 0; i < n; ++i)
-    for (int64_t c = 0; c < N; c += 16) {
-      const int64_t m = N - c < 16 ? N - c : 16;
+    for (int64_t c = 0; c < N; c += VL) {
+      const int64_t m = N - c < VL ? N - c : VL;
       stn(y + i * N + c, (res ? ldn(res + i * N + c, m) : (vf){}) + (b ? ldn(b + c, m) : (vf){}), m);
     }
 }
@@ -338,8 +384,8 @@ static void colsum(const float* d, int64_t n, int64_t N, float* db, float* scrat
     float* part = scratch + (int64_t)omp_get_thread_num() * N;
     #pragma omp for schedule(static)
     for (int64_t i = 0; i < n; ++i)
-      for (int64_t c = 0; c < N; c += 16) {
-        const int64_t m = N - c < 16 ? N - c : 16;
+      for (int64_t c = 0; c < N; c += VL) {
+        const int64_t m = N - c < VL ? N - c : VL;
         stn(part + c, ldn(part + c, m) + ldn(d + i * N + c, m), m);
       }
   }

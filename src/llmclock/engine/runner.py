@@ -166,7 +166,9 @@ class ModelRunner:
         self.plan = DecodePlan(model, packed=not compile)
         self.attend = None if compile else make_attend(self.cache.k[0])
         self.compiled = compile
-        self._tick = torch.compile(tick, dynamic=False) if compile else tick
+        # dynamic shapes: one graph serves any number of rows and any attended length (torch
+        # specialises sizes 0 and 1, so a lone row and the first position get graphs of their own)
+        self._tick = torch.compile(tick, dynamic=True) if compile else tick
 
     def prefill(self, chunks: list[Chunk], probe: Probe | None) -> torch.Tensor:
         """Prefill the chunks in one forward; -> logits (m, V) for those that end their prompt, in order."""
@@ -181,23 +183,15 @@ class ModelRunner:
     def tick(self, seqs: list[Sequence], probe: Probe | None) -> torch.Tensor:
         """Feed each sequence (slot order) its last token; -> logits (len(seqs), V).
 
-        Only these rows are computed. The compiled tick keeps one fixed shape instead: a row per
-        slot in slot order, idle slots fed position max_len - 1 (a position every sequence writes
-        before it reads it), and only the running rows' outputs kept."""
+        Only these rows are computed, compiled or not. The compiled tick always takes the slots as
+        an index tensor and a mask (a slice or no mask would be a graph of its own), so the
+        number of rows and the attended length vary inside one dynamic-shape graph."""
         dev = self.device
         tokens = [s.output_ids[-1] for s in seqs]
         pos = [s.position for s in seqs]
         slots = [s.slot for s in seqs]
-        if self.compiled:
-            n_rows, L = self.cache.slots, self.max_len
-            full_t, full_p = [0] * n_rows, [L - 1] * n_rows
-            for t, p, s in zip(tokens, pos, slots):
-                full_t[s], full_p[s] = t, p
-            tokens, pos, rows, slots_t = full_t, full_p, slots, slice(0, n_rows)
-            probe = probe and _Rows(probe, rows)
-        else:
-            n_rows, L, rows = len(seqs), max(pos) + 1, None
-            slots_t = _slot_index(slots, dev)
+        n_rows, L = len(seqs), max(pos) + 1
+        slots_t = torch.tensor(slots, device=dev) if self.compiled else _slot_index(slots, dev)
         pos_t = torch.tensor(pos, device=dev)
         mask = None
         attend = self.attend and _attend_rows(self.attend, slots)
@@ -207,7 +201,7 @@ class ModelRunner:
                             probe, attend)
         for s in seqs:
             self.cache.lengths[s.slot] = s.position + 1
-        return logits if rows is None else logits[rows]
+        return logits
 
     def memory(self) -> dict[str, int]:
         """Bytes decoding holds: the model's weights, the packed copies of its linears, the KV cache."""
@@ -250,13 +244,3 @@ def _attend_rows(attend, slots: list[int]):
         return attend if s0 == 0 else lambda qkv, kc, vc, pos: attend(qkv, kc[s0:], vc[s0:], pos)
     return lambda qkv, kc, vc, pos: torch.cat([attend(qkv[a:b], kc[s:], vc[s:], pos[a:b]) for a, b, s in runs])
 
-
-class _Rows:
-    """A probe seen through a compiled tick's fixed rows: residuals keep only the running rows."""
-
-    def __init__(self, probe: Probe, rows: list[int]):
-        self.probe, self.rows = probe, rows
-        self.mark = probe.mark
-
-    def residual(self, layer: int, x: torch.Tensor) -> None:
-        self.probe.residual(layer, x[self.rows])
