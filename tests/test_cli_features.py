@@ -138,11 +138,26 @@ def test_sigint_at_any_moment_exits_130(tiny):
         except subprocess.TimeoutExpired:
             p.send_signal(signal.SIGINT)
         _, err = p.communicate(timeout=60)
-        if p.returncode == -signal.SIGINT and "llmclock" not in err:
-            continue  # the interpreter was still starting: none of llmclock's code had run yet
+        if p.returncode != 0 and "/llmclock/" not in err and "llmclock: " not in err:
+            continue  # the interpreter itself was still starting (site, .pth files): no llmclock file had run yet
         # generate's finish lines ("[length: ...]") of samples done before the interrupt may precede it
         lines = [ln for ln in err.strip().splitlines() if not ln.startswith("[")]
         assert p.returncode == 130 and lines == ["llmclock: interrupted"], (delay, p.returncode, err)
+
+
+def test_sigint_while_the_command_imports_is_one_line():
+    """From the first line of llmclock/__init__.py on, a command's Ctrl-C is one line and exit 130,
+    even before __main__.run's handler exists; a plain `import llmclock` leaves SIGINT alone."""
+    code = ("import os, signal, sys, time; sys.argv[0] = sys.argv[0] if LIB else '/usr/bin/llmclock'; import llmclock; "
+            "os.kill(os.getpid(), signal.SIGINT); time.sleep(0.5); print('still here')")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    for lib in (False, True):
+        p = subprocess.run([sys.executable, "-c", f"LIB = {lib}; " + code], capture_output=True, text=True, env=env,
+                           timeout=60, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        if lib:  # a library import: Python's own KeyboardInterrupt, as any program would get
+            assert p.returncode != 130 and "KeyboardInterrupt" in p.stderr, p.stderr
+        else:
+            assert (p.returncode, p.stderr, p.stdout) == (130, "llmclock: interrupted\n", ""), p.stderr
 
 
 def test_files_follow_the_umask(tiny, tmp_path, capsys):

@@ -5,11 +5,15 @@ ends with one line and exit status 130.
 """
 
 import os
+import signal
 import sys
 
 
 def run() -> None:
     try:
+        # from here KeyboardInterrupt is handled below (llmclock/__init__.py covered the imports before)
+        if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:  # an ignored Ctrl-C (nohup, &) stays ignored
+            signal.signal(signal.SIGINT, signal.default_int_handler)
         from .cli import main
 
         code = main()
