@@ -92,7 +92,7 @@ def _randomize_lora(model):
     torch.manual_seed(1)
     with torch.no_grad():
         for n, p in model.named_parameters():
-            if "lora_B" in n or "adapter.up" in n:
+            if "lora_B" in n or "adapter.up" in n or "lora_E" in n:
                 p.normal_(0, 0.2)
 
 
@@ -112,7 +112,7 @@ def test_adapter_weights_get_gradients_and_change_the_loss_with_fused_kernels(ti
     plain_loss = model(x, x)[1].item()
     assert fuse_cpu_ops(model)
     wrapped = apply_adapter(model, AdapterConfig(method=method, r=4, bottleneck=8))
-    assert guard_fused(wrapped) == 2  # both blocks leave the whole-block kernel
+    assert guard_fused(wrapped) == 2  # both blocks hold an adapter, and neither is taken for a plain block
     _randomize_lora(wrapped)
     _, loss = wrapped(x, x)
     assert abs(loss.item() - plain_loss) > 1e-3  # the adapter is in the forward
@@ -125,6 +125,60 @@ def test_adapter_weights_get_gradients_and_change_the_loss_with_fused_kernels(ti
                         AdapterConfig(method=method, r=4, bottleneck=8))
     ref.load_state_dict(wrapped.state_dict())
     assert ref(x, x)[1].item() == pytest.approx(loss.item(), rel=1e-4)
+
+
+def _kernels_or_skip():
+    from llmclock.fused import get_lib
+
+    if get_lib() is None:
+        if os.environ.get("CI"):
+            pytest.fail("the fused kernels did not build in CI")
+        pytest.skip("no C++ compiler: no fused kernels")
+
+
+@pytest.mark.parametrize("method,dropout", [("lora", 0.0), ("adalora", 0.0), ("lora", 0.1)])
+def test_lora_blocks_take_the_block_kernel_with_peft_s_loss_and_gradients(method, dropout, monkeypatch):
+    """A block whose Linears carry LoRA (AdaLoRA) runs the whole-block kernel on W + s*B@A; its loss
+    and the gradients of A, B (and E) equal peft's own op-by-op forward and backward. With dropout
+    on the LoRA input the block runs op by op (no kernel call) and still matches in eval mode."""
+    from llmclock import fused
+    from llmclock.config import preset
+    from llmclock.model import GPT
+
+    _kernels_or_skip()
+    cfg = AdapterConfig(method=method, r=4, init_r=4, dropout=dropout, total_step=20, tfinal=2)
+
+    def build(fuse: bool):
+        torch.manual_seed(0)
+        model = GPT(preset("test", vocab_size=64, n_embd=64, n_head=2)).train()  # head size 32
+        if fuse:
+            assert fused.fuse_cpu_ops(model)
+        return apply_adapter(model, cfg)
+
+    fast, ref = build(True), build(False)
+    _randomize_lora(fast)
+    ref.load_state_dict(fast.state_dict())
+    calls = []
+    apply = fused._Block.apply
+    monkeypatch.setattr(fused._Block, "apply", lambda *a: calls.append(1) or apply(*a))
+    x = torch.randint(64, (3, 16))
+    if dropout:  # training with dropout: op by op
+        fast(x, x)[1].backward()
+        assert calls == []
+        fast.eval(), ref.eval()  # dropout off: the kernel applies again, and matches
+    loss = fast(x, x)[1]
+    assert len(calls) == 2  # both blocks in one kernel call each
+    want = ref(x, x)[1]
+    torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-5)
+    fast.zero_grad(), ref.zero_grad()
+    loss.backward()
+    want.backward()
+    got = {n: p.grad for n, p in fast.named_parameters() if p.requires_grad}
+    assert got and all(g is not None and g.abs().sum() > 0 for g in got.values())
+    for n, p in ref.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(got[n], p.grad, rtol=1e-4, atol=1e-6, msg=n)
+    assert all(p.grad is None for p in fast.parameters() if not p.requires_grad)  # frozen W gets none
 
 
 def test_lora_merge_gives_base_plus_adapter_logits(tmp_path, base_ckpt, train_file):

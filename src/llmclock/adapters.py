@@ -175,11 +175,14 @@ def is_adapted(module: nn.Module) -> bool:
 
 
 def guard_fused(model: nn.Module) -> int:
-    """Check that every fused block holding an adapter stays off the whole-block kernel, which
-    reads the Linear weights directly and would skip the adapter: a FusedBlock takes that kernel
-    only when it is made of its own plain parts (llmclock.fused.is_plain), so an adapted one runs
-    op by op (its attention, GELU and LayerNorm kernels act on module outputs and stay). Returns
-    the number of adapted fused blocks."""
+    """Check that no fused block holding an adapter is taken for a plain one: the whole-block
+    kernel reads the Linear weights directly and would skip the adapter. A FusedBlock takes that
+    kernel with its own weights only when made of its own plain parts (llmclock.fused.is_plain); a
+    block whose Linears carry LoRA/AdaLoRA (no dropout while training) takes it with the effective
+    weights W + s*B@A (llmclock.fused.kernel_params), exact, gradients reaching A and B by autograd;
+    any other adapted block (a bottleneck, LoRA with dropout while training) runs op by op (its
+    attention, GELU and LayerNorm kernels act on module outputs and stay). Returns the number of
+    adapted fused blocks."""
     from .fused import FusedBlock, is_plain
 
     n = 0
