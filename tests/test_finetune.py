@@ -58,6 +58,28 @@ def test_prompt_tokens_are_masked_and_get_no_gradient(tiny_model, char_tok, trai
     del emb
 
 
+def test_packed_rows_keep_whole_examples_and_learn_completions_only(char_tok, train_file):
+    from llmclock.sft import pack
+
+    ex = load_examples(train_file, char_tok, ChatTemplate(), max_len=65) * 3  # 15 examples
+    rows = pack(ex, 65, seed=5)
+    assert len(rows) < len(ex) and all(len(ids) <= 65 and len(ids) == len(m) for ids, m in rows)
+    # every example exactly once, whole, each ending in <|endoftext|>
+    pieces = []
+    for ids, mask in rows:
+        ends = [i + 1 for i, t in enumerate(ids) if t == char_tok.eot_id]
+        assert ends[-1] == len(ids)
+        pieces += [(ids[a:b], mask[a:b]) for a, b in zip([0] + ends, ends)]
+    assert sorted(map(str, pieces)) == sorted(map(str, ex))
+    assert pack(ex, 65, seed=5) == rows and pack(ex, 65, seed=6) != rows  # seeded
+    x, y = collate(rows, char_tok.eot_id)
+    for row, (ids, mask) in enumerate(rows):
+        learned = [ids[i + 1] for i in range(len(ids) - 1) if mask[i + 1]]
+        assert y[row][y[row] >= 0].tolist() == learned  # completions (and their <|endoftext|>) only
+        assert (y[row, len(ids) - 1:] == -1).all()  # padding learns nothing
+    assert int((y >= 0).sum()) == sum(sum(m) for _, m in ex) == 3 * sum(len(c) + 1 for _, c in PAIRS)
+
+
 def test_chat_messages_learn_assistant_turns_only(tmp_path):
     from llmclock.tokenizer import Tokenizer
 
@@ -200,7 +222,7 @@ def test_lora_merge_gives_base_plus_adapter_logits(tmp_path, base_ckpt, train_fi
         "tokenizer.json", "train_state.json"]
 
 
-@pytest.mark.parametrize("method", ["lora", pytest.param("full", marks=pytest.mark.slow),
+@pytest.mark.parametrize("method", ["lora", "lora-packed", pytest.param("full", marks=pytest.mark.slow),
                                     pytest.param("adapter", marks=pytest.mark.slow)])
 def test_finetune_lowers_the_loss_on_a_tiny_set(tmp_path, base_ckpt, train_file, char_tok, method):
     from llmclock.finetune import finetune, masked_loss
@@ -208,8 +230,9 @@ def test_finetune_lowers_the_loss_on_a_tiny_set(tmp_path, base_ckpt, train_file,
     ex = load_examples(train_file, char_tok, ChatTemplate(), max_len=65)
     before = masked_loss(load_checkpoint(base_ckpt)[0], ex, char_tok.eot_id, 8)
     lr = 1e-2 if method != "full" else 3e-3
+    method, packed = method.removesuffix("-packed"), method.endswith("-packed")
     r = finetune(base_ckpt, train_file, tmp_path / "ft", _recipe(max_steps=15, learning_rate=lr, min_lr=lr / 10),
-                 AdapterConfig(method=method, r=8), progress=False, val_path=train_file)
+                 AdapterConfig(method=method, r=8), progress=False, val_path=train_file, pack=packed)
     assert r.val_loss < before * 0.85
     assert (r.trainable == r.total) == (method == "full")
     assert (tmp_path / "ft" / "metrics.jsonl").is_file() and r.plot is not None

@@ -172,7 +172,11 @@ def add_finetune(sub) -> None:
     g = p.add_argument_group("training")
     g.add_argument("--steps", type=integer(1), default=500, help="(default: 500)")
     g.add_argument("--max-seconds", type=number(0.0, lo_open=True), help="stop after this wall time")
-    g.add_argument("--batch-size", type=integer(1), default=8, help="examples per step, padded (default: 8)")
+    g.add_argument("--batch-size", type=integer(1), default=8,
+                   help="rows per step: one example each, padded, or packed rows with --pack (default: 8)")
+    g.add_argument("--pack", action="store_true",
+                   help="pack whole examples into rows of --block-size tokens (attention crosses examples "
+                        "within a row; the loss still covers completions only); default: padded, one example per row")
     g.add_argument("--block-size", type=integer(2), default=1024,
                    help="longest example in tokens, capped at the model's context (default: 1024)")
     g.add_argument("--lr", type=number(0.0, lo_open=True), help="peak learning rate (default: full 5e-5, else 1e-3)")
@@ -210,7 +214,7 @@ def cmd_finetune(a) -> None:
                          device=a.device)
     wandb = {"project": a.wandb, "config": {"adapter": cfg.to_dict(), "recipe": recipe.to_dict()}} if a.wandb else None
     try:
-        r = finetune(a.ckpt, a.data, a.out, recipe, cfg, val_path=a.val, resume=a.resume, wandb=wandb)
+        r = finetune(a.ckpt, a.data, a.out, recipe, cfg, val_path=a.val, resume=a.resume, wandb=wandb, pack=a.pack)
     except KeyboardInterrupt:
         raise KeyboardInterrupt(f"checkpoint saved in {a.out}/ckpt; continue with the same command plus --resume")
     echo(f"fine-tuned ({a.method}) to step {r.step}: {r.tokens_per_s:,.0f} tokens/s, last loss {r.last_loss:.4f}"
