@@ -309,3 +309,36 @@ def test_wandb_offline_run_writes_its_files(tmp_path, base_ckpt, train_file, mon
              progress=False, log_interval=1, wandb={"project": "llmclock-test"})
     runs = list((tmp_path / "ft" / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
+
+
+def test_bottleneck_adapter_runs_on_the_engine_as_its_full_forward(tmp_path, base_ckpt, char_tok):
+    """A bottleneck adapter cannot fold into the weights; the engine runs its adapted Linears as
+    modules (the rest on its kernels): greedy output == argmax of the adapted model's full forward."""
+    from llmclock.adapters import base_weights_hash, write_adapter
+    from llmclock.checkpoint import atomic_dir, model_state
+    from llmclock.engine import Engine, SamplingParams
+
+    cfg = AdapterConfig(method="adapter", bottleneck=8)
+    base, _ = load_checkpoint(base_ckpt)
+    keys = set(model_state(base))
+    model = apply_adapter(base, cfg)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if ".adapter." in n:
+                p.normal_(0, 1.0)
+    with atomic_dir(tmp_path / "ad") as tmp:
+        write_adapter(tmp, model, cfg, base_hash=base_weights_hash(base_ckpt), base_config=base.config.to_dict(),
+                      base_keys=keys)
+    adapted, tok = load_adapted(base_ckpt, tmp_path / "ad", merged=True)
+    plain = load_checkpoint(base_ckpt)[0]
+    prompts = [p for p, _ in PAIRS[:3]]
+    params = SamplingParams(max_new_tokens=12, temperature=0, ignore_eos=True)
+    got = Engine(adapted, tok, slots=2).complete(prompts, [params] * 3)
+    for prompt, c in zip(prompts, got):
+        out = []
+        for _ in range(12):
+            with torch.no_grad():
+                out.append(int(adapted(torch.tensor([tok.encode(prompt) + out]))[0][0, -1].argmax()))
+        assert c.token_ids == out
+    assert [c.token_ids for c in got] != [c.token_ids for c in Engine(plain, tok, slots=2).complete(prompts, [params] * 3)]

@@ -276,8 +276,11 @@ def merge(model: nn.Module) -> nn.Module:
 
 
 def load_adapted(ckpt: str | Path, adapter: str | Path | None, *, device="cpu", merged: bool = False):
-    """(model, tokenizer) of a checkpoint with an adapter attached (`merged`: folded into plain
-    weights, as the engine needs: it streams each Linear's weight and knows nothing of adapters)."""
+    """(model, tokenizer) of a checkpoint with an adapter attached. `merged` (for the engine): LoRA
+    and AdaLoRA folded into plain weights, which the engine streams at full speed; a bottleneck
+    adapter, which cannot fold, stays in place as a plain GPT whose adapted Linears are
+    AdaptedLinear modules: the engine's decode plan calls those as modules (op by op) and keeps
+    its packed kernels for the plain ones (engine.kernels.decode_linear, make_block)."""
     from .checkpoint import load_checkpoint
 
     model, tok = load_checkpoint(ckpt, device="cpu")
@@ -285,10 +288,13 @@ def load_adapted(ckpt: str | Path, adapter: str | Path | None, *, device="cpu", 
         return model.to(device), tok
     model = attach_adapter(model, adapter, base_weights_hash(ckpt))
     if merged:
-        if any(isinstance(m, AdaptedLinear) for m in model.modules()):
-            raise LLMClockError(
-                f"{adapter}: a bottleneck adapter cannot run on the engine (it needs plain weights); "
-                "use LoRA or AdaLoRA, or `llmclock eval` for its language-model metrics"
-            )
-        model = merge(model)
+        model = for_engine(model)
     return model.to(device).eval(), tok
+
+
+def for_engine(model: nn.Module) -> nn.Module:
+    """The model as the engine takes it: LoRA/AdaLoRA folded into plain weights (merge); a GPT
+    with bottleneck adapters as it is (its AdaptedLinear modules run op by op in the decode)."""
+    if any(isinstance(m, AdaptedLinear) for m in model.modules()):
+        return gpt_of(model)
+    return merge(model)

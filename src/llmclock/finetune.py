@@ -238,9 +238,10 @@ def finetune(
 
 def merge_adapter(base: str | Path, adapter_dir: str | Path, out: str | Path) -> Path:
     """`llmclock merge`: base + LoRA/AdaLoRA adapter -> a plain checkpoint every command takes."""
-    from .adapters import load_adapted
+    from .adapters import load_adapted, merge
 
-    model, tok = load_adapted(base, adapter_dir, merged=True)
+    model, tok = load_adapted(base, adapter_dir)
+    model = merge(model)  # refuses a bottleneck adapter: it cannot fold
     template = ChatTemplate.load(adapter_dir)
     ckpt_io.write_checkpoint(Path(out), gpt_of(model), tok, extra=template.save if template else None)
     return Path(out)

@@ -94,7 +94,7 @@ def _eval_one(a, ckpt: str, adapter: str | None) -> tuple[dict, str]:
             out["text"] = evaluate_texts(model, tok, texts, block_size=a.block_size, stride=a.stride,
                                          batch_size=a.batch_size, progress=lambda n: bar.update(n - bar.n))
     if a.gen:
-        from ..adapters import merge
+        from ..adapters import for_engine
         from ..engine import Engine
         from ..evalgen import evaluate_generation, load_examples
         from .engine_cmds import sampling
@@ -102,7 +102,7 @@ def _eval_one(a, ckpt: str, adapter: str | None) -> tuple[dict, str]:
         examples = load_examples(a.gen, limit=a.limit)
         params = sampling(a)
         params.stop = params.stop or ["\n"]  # one line per answer unless --stop says otherwise
-        engine = Engine(merge(model).eval(), tok, slots=a.slots)
+        engine = Engine(for_engine(model).eval(), tok, slots=a.slots)
         with _bar(len(examples), "generate") as bar:
             out["gen"], out["gen_outputs"] = evaluate_generation(engine, examples, params,
                                                                  progress=lambda n: bar.update(n - bar.n))
