@@ -198,7 +198,7 @@ def main() -> None:
         r = res[method]
         print(f"      {method}: {r['steps']} steps (lr {lr:g}), {r['tokens_per_s']:,.0f} tokens/s, trainable "
               f"{r['trainable']:,} of {r['total']:,}, peak RSS {r['peak_rss_mb']:.0f} MB")
-        print(f"      {method}: train loss {r["first_loss"]:.3f} (first logged) -> {r['last_loss']:.3f}, "
+        print(f"      {method}: train loss {r['first_loss']:.3f} (first logged) -> {r['last_loss']:.3f}, "
               f"masked val loss {base_val:.3f} -> {r['val_loss']:.3f}")
         model = load_adapted(base, r["ckpt"], merged=True)[0] if method == "lora" else load_checkpoint(r["ckpt"])[0]
         metrics[method], outs[method] = evaluate(model, method)
