@@ -153,7 +153,8 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     print(f"bench/finetune: work directory {out}, torch {torch.__version__}, {torch.get_num_threads()} threads")
     sources = stdlib_sources()
-    tok, data = build_data(REPO / "runs" / ".cache" / corpus_key(sources, 4096), sources, 4096, print)
+    tok, data = build_data(REPO / "runs" / ".cache" / corpus_key(sources, 4096), sources, 4096,
+                           lambda m: print("[0/4] " + m.split("] ", 1)[-1].strip()))
 
     mcfg = preset("demo", vocab_size=tok.vocab_size, block_size=256)
     budget = args.pretrain_minutes * 60

@@ -357,7 +357,7 @@ def lowrank_weight(m: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | N
     for name in m.active_adapters:
         if name not in m.lora_A.keys():
             continue
-        if not _no_dropout(m.lora_dropout[name]):
+        if not _no_dropout(m.lora_dropout[name]) or getattr(m, "use_dora", {}).get(name, False):
             return None
         A, B, s = m.lora_A[name], m.lora_B[name], m.scaling[name]
         if type(m) is types[0]:  # LoRA: B(A(x)) * s
