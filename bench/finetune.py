@@ -19,6 +19,10 @@
 4. The tokens/s ratio: a LoRA and a full step alternately on the same batches (median of
    --ab-rounds each), since the machine's speed drifts between the two timed runs.
 
+On a machine shared with other work, run it with OMP_NUM_THREADS=1: two OpenMP threads on two
+busy cores wait on each other at every barrier (measured here under a load average of ~10: 5
+pre-training steps in 75 s with 2 threads, 288 in 436 s with 1).
+
 Targets (issue 11): each fine-tune gains >= 5 ROUGE-L points over the base model, and LoRA
 trains at least as many tokens/s as full fine-tuning. Last line:
     RESULT rougeL_base=<f> rougeL_lora=<f> rougeL_full=<f> lora_trainable_frac=<f>
