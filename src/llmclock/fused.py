@@ -375,10 +375,16 @@ def kernel_params(block: nn.Module) -> list | None:
     training), the effective weights of lowrank_weight; None when it must run op by op."""
     if is_plain(block):
         return _block_params(block)
-    if not _parts_ok(block, lambda m: lowrank_weight(m) is not None):
+    found = {}
+
+    def take(lin: nn.Module) -> bool:
+        found[id(lin)] = lowrank_weight(lin)  # built once per forward
+        return found[id(lin)] is not None
+
+    if not _parts_ok(block, take):
         return None
     a, m = block.attn, block.mlp
-    (wa, ba), (wp, bp), (wf, bf), (wm, bm) = (lowrank_weight(x) for x in (a.c_attn, a.c_proj, m.c_fc, m.c_proj))
+    (wa, ba), (wp, bp), (wf, bf), (wm, bm) = (found[id(x)] for x in (a.c_attn, a.c_proj, m.c_fc, m.c_proj))
     return [block.ln_1.weight, block.ln_1.bias, wa, ba, wp, bp, block.ln_2.weight, block.ln_2.bias, wf, bf, wm, bm]
 
 
