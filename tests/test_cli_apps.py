@@ -59,6 +59,26 @@ def test_finetune_generate_merge_eval(base):
     assert (d / "eval-1.json").is_file()  # the first report is kept
 
 
+@pytest.mark.slow
+def test_bottleneck_adapter_packed_then_generate_trace_eval(base):
+    """A bottleneck adapter (trained --pack) runs unmerged on the engine commands; merge refuses it."""
+    d = base
+    p = run("finetune", "--ckpt", d / "base", "--data", d / "task.jsonl", "--out", d / "ad", "--method", "adapter",
+            "--bottleneck", "8", "--steps", "3", "--warmup", "1", "--batch-size", "2", "--pack", "--block-size", "64",
+            "--lr", "3e-2", "--device", "cpu")
+    assert "fine-tuned (adapter) to step 3" in p.stdout
+    adapter = d / "ad" / "ckpt"
+    gen = ("--prompt", "Q9: say hi\n", "--temperature", "0", "--max-new-tokens", "6")
+    assert run("generate", "--ckpt", d / "base", "--adapter", adapter, *gen).stdout
+    run("trace", "--ckpt", d / "base", "--adapter", adapter, "--prompt", "Q9: say hi\n", "--max-new-tokens", "4",
+        "--out", d / "ad-trace")
+    assert (d / "ad-trace" / "trace.jsonl").is_file()
+    run("eval", "--ckpt", d / "base", "--adapter", adapter, "--gen", d / "task.jsonl", "--max-new-tokens", "4",
+        "--out", d / "ad-eval.json")
+    assert json.loads((d / "ad-eval.json").read_text())["results"]["model"]["gen"]["examples"] == 6
+    one_line_error(run("merge", d / "base", adapter, d / "ad-merged", ok=False), "cannot be folded")
+
+
 def test_generate_best_of_ranks_by_mean_logprob(base):
     p = run("generate", "--ckpt", base / "base", "--prompt", "Q", "--n", "2", "--best-of", "4", "--seed", "1",
             "--max-new-tokens", "6")

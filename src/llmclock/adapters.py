@@ -175,11 +175,14 @@ def is_adapted(module: nn.Module) -> bool:
 
 
 def guard_fused(model: nn.Module) -> int:
-    """Check that every fused block holding an adapter stays off the whole-block kernel, which
-    reads the Linear weights directly and would skip the adapter: a FusedBlock takes that kernel
-    only when it is made of its own plain parts (llmclock.fused.is_plain), so an adapted one runs
-    op by op (its attention, GELU and LayerNorm kernels act on module outputs and stay). Returns
-    the number of adapted fused blocks."""
+    """Check that no fused block holding an adapter is taken for a plain one: the whole-block
+    kernel reads the Linear weights directly and would skip the adapter. A FusedBlock takes that
+    kernel with its own weights only when made of its own plain parts (llmclock.fused.is_plain); a
+    block whose Linears carry LoRA/AdaLoRA (no dropout while training) takes it with the effective
+    weights W + s*B@A (llmclock.fused.kernel_params), exact, gradients reaching A and B by autograd;
+    any other adapted block (a bottleneck, LoRA with dropout while training) runs op by op (its
+    attention, GELU and LayerNorm kernels act on module outputs and stay). Returns the number of
+    adapted fused blocks."""
     from .fused import FusedBlock, is_plain
 
     n = 0
@@ -242,9 +245,9 @@ def read_adapter_config(adapter_dir: Path) -> tuple[AdapterConfig, dict]:
         raise LLMClockError(f"{adapter_dir / ADAPTER_CONFIG}: {e}") from None
 
 
-def check_adapter(adapter_dir: str | Path, base_hash: str, *, merged: bool = False) -> AdapterConfig:
+def check_adapter(adapter_dir: str | Path, base_hash: str) -> AdapterConfig:
     """The adapter's config, once it is known to fit: an llmclock adapter, not a full fine-tune,
-    trained on the weights whose file has sha256 `base_hash`, and (`merged`) foldable into them.
+    trained on the weights whose file has sha256 `base_hash`.
     Reads no tensors, so a server can refuse a wrong adapter at start-up."""
     adapter_dir = Path(adapter_dir)
     cfg, meta = read_adapter_config(adapter_dir)
@@ -252,11 +255,6 @@ def check_adapter(adapter_dir: str | Path, base_hash: str, *, merged: bool = Fal
         raise LLMClockError(f"{adapter_dir}: a full fine-tune is a checkpoint of its own: pass it as --ckpt")
     if base_hash != meta.get("base_weights_hash"):
         raise LLMClockError(f"{adapter_dir}: this adapter was trained on other base weights (weights hash differs)")
-    if merged and cfg.method == "adapter":
-        raise LLMClockError(
-            f"{adapter_dir}: a bottleneck adapter cannot run on the engine (it needs plain weights); "
-            "use LoRA or AdaLoRA, or `llmclock eval` for its language-model metrics"
-        )
     return cfg
 
 
@@ -287,16 +285,27 @@ def merge(model: nn.Module) -> nn.Module:
 
 
 def load_adapted(ckpt: str | Path, adapter: str | Path | None, *, device="cpu", merged: bool = False):
-    """(model, tokenizer) of a checkpoint with an adapter attached (`merged`: folded into plain
-    weights, as the engine needs: it streams each Linear's weight and knows nothing of adapters)."""
+    """(model, tokenizer) of a checkpoint with an adapter attached. `merged` (for the engine): LoRA
+    and AdaLoRA folded into plain weights, which the engine streams at full speed; a bottleneck
+    adapter, which cannot fold, stays in place as a plain GPT whose adapted Linears are
+    AdaptedLinear modules: the engine's decode plan calls those as modules (op by op) and keeps
+    its packed kernels for the plain ones (engine.kernels.decode_linear, make_block)."""
     from .checkpoint import load_checkpoint
 
     if adapter is not None:
-        check_adapter(adapter, base_weights_hash(ckpt), merged=merged)  # before the base's weights are read
+        check_adapter(adapter, base_weights_hash(ckpt))  # before the base's weights are read
     model, tok = load_checkpoint(ckpt, device="cpu")
     if adapter is None:
         return model.to(device), tok
     model = attach_adapter(model, adapter, base_weights_hash(ckpt))
     if merged:
-        model = merge(model)
+        model = for_engine(model)
     return model.to(device).eval(), tok
+
+
+def for_engine(model: nn.Module) -> nn.Module:
+    """The model as the engine takes it: LoRA/AdaLoRA folded into plain weights (merge); a GPT
+    with bottleneck adapters as it is (its AdaptedLinear modules run op by op in the decode)."""
+    if any(isinstance(m, AdaptedLinear) for m in model.modules()):
+        return gpt_of(model)
+    return merge(model)

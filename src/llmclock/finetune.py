@@ -20,7 +20,7 @@ from . import checkpoint as ckpt_io
 from .adapters import AdapterConfig, apply_adapter, base_weights_hash, gpt_of, guard_fused, write_adapter
 from .config import TrainConfig
 from .errors import LLMClockError
-from .sft import ChatTemplate, batch_indices, collate, load_examples
+from .sft import ChatTemplate, batch_indices, collate, load_examples, pack as pack_rows
 
 DEFAULT_LR = {"full": 5e-5, "lora": 1e-3, "adalora": 1e-3, "adapter": 1e-3}
 """Peak learning rates: full fine-tuning 1.3 orders below pre-training's 1e-3; adapters train
@@ -91,8 +91,11 @@ def finetune(
     log_interval: int = 10,
     wandb: dict | None = None,
     on_step=None,
+    pack: bool = False,
 ) -> FinetuneResult:
-    """Fine-tune checkpoint `base` on `train_path` (JSONL of {prompt, completion} or {messages})."""
+    """Fine-tune checkpoint `base` on `train_path` (JSONL of {prompt, completion} or {messages}).
+    Rows are one example each, padded, or with `pack` whole examples concatenated up to the block
+    size (sft.pack: attention crosses examples within a row; the loss still covers completions only)."""
     from .fused import fuse_cpu_ops
     from .train import MetricsLog, lr_at, make_optimizer, plot_metrics, report_step, resolve_device
 
@@ -110,6 +113,8 @@ def finetune(
     max_len = min(recipe.block_size, base_config.block_size) + 1
     train_ex = load_examples(train_path, tok, template, max_len=max_len)
     val_ex = load_examples(val_path, tok, template, max_len=max_len) if val_path else None
+    if pack:
+        train_ex = pack_rows(train_ex, max_len, recipe.seed)
 
     torch.manual_seed(recipe.seed)
     model.to(device).train()
@@ -125,6 +130,9 @@ def finetune(
         state, opt_tensors = ckpt_io.load_train_state(link)
         if state.get("base_weights_hash") != base_hash or state.get("adapter") != adapter.to_dict():
             raise LLMClockError(f"{link}: was trained from another base or with other adapter settings")
+        if state.get("pack", False) != pack:
+            raise LLMClockError(f"{link}: was trained {'packed' if state.get('pack') else 'padded'}; "
+                                f"resume it {'with' if state.get('pack') else 'without'} --pack")
         weights = link / ("model.safetensors" if adapter.method == "full" else "adapter.safetensors")
         missing, unexpected = model.load_state_dict(ckpt_io.read_tensors(weights), strict=False)
         if unexpected:
@@ -147,7 +155,7 @@ def finetune(
 
     def save(at_step: int) -> None:
         state = {"step": at_step, "train_config": recipe.to_dict(), "adapter": adapter.to_dict(),
-                 "base": str(base), "base_weights_hash": base_hash, "rng": ckpt_io.rng_state(),
+                 "base": str(base), "base_weights_hash": base_hash, "rng": ckpt_io.rng_state(), "pack": pack,
                  "tokens_seen": prior.get("tokens_seen", 0) + tokens}
 
         def write(target: Path) -> None:
@@ -230,9 +238,10 @@ def finetune(
 
 def merge_adapter(base: str | Path, adapter_dir: str | Path, out: str | Path) -> Path:
     """`llmclock merge`: base + LoRA/AdaLoRA adapter -> a plain checkpoint every command takes."""
-    from .adapters import load_adapted
+    from .adapters import load_adapted, merge
 
-    model, tok = load_adapted(base, adapter_dir, merged=True)
+    model, tok = load_adapted(base, adapter_dir)
+    model = merge(model)  # refuses a bottleneck adapter: it cannot fold
     template = ChatTemplate.load(adapter_dir)
     ckpt_io.write_checkpoint(Path(out), gpt_of(model), tok, extra=template.save if template else None)
     return Path(out)

@@ -27,7 +27,8 @@ and autograd nodes several ms more. Here:
 FusedBlock, FusedCausalSelfAttention, FusedMLP, FusedLayerNorm, sharing the same Parameters. A
 FusedBlock uses the block kernel whenever its inputs allow (fp32 CPU tensors, no cache, no dropout
 while training, width and head size multiples of 16, heads up to 128, torch's sgemm found, and the
-block made of its own plain parts: no adapter, no hook, no wrapped Linear), else the separate
+block made of its own plain parts: no adapter, no hook, no wrapped Linear; or Linears carrying peft
+LoRA/AdaLoRA without dropout, run as effective weights W + s*B@A, see kernel_params), else the separate
 kernels where they apply, else torch's ops, with the same results to float rounding
 (tests/test_fused.py). The model file stays plain PyTorch with no hooks.
 """
@@ -238,20 +239,21 @@ class _Block(torch.autograd.Function):
         return (dx, None, None, None, *grads)
 
 
-def block_forward(block, x: torch.Tensor) -> torch.Tensor | None:
+def block_forward(block, x: torch.Tensor, params: list | None = None) -> torch.Tensor | None:
     """A whole Block (attention and MLP with their norms and residual adds) as one kernel call each
     way; None where the kernel does not apply (then the Block runs op by op): anything but fp32 CPU
     tensors, a width or head size that is not a multiple of 16 (or a head over 128), dropout while
-    training, LayerNorms without weights or with different eps, or no BLAS found."""
+    training, LayerNorms without weights or with different eps, or no BLAS found. `params`: the 12
+    tensors to run it with (kernel_params: a LoRA block's effective weights), default the block's own."""
     attn, mlp = block.attn, block.mlp
-    params = _block_params(block)
+    params = _block_params(block) if params is None else params
     C = x.size(-1)
     hs = C // attn.n_head
     dropout = block.training and (attn.attn_dropout > 0 or attn.resid_dropout.p > 0 or mlp.dropout.p > 0)
     if (
         dropout or x.dim() != 3 or C % 16 or hs % 16 or hs > 128 or not _blas_ready()
         or block.ln_1.weight is None or block.ln_2.weight is None or block.ln_1.eps != block.ln_2.eps
-        or mlp.c_fc.weight.shape != (4 * C, C) or x.numel() * 4 >= 2**31
+        or params[8].shape != (4 * C, C) or x.numel() * 4 >= 2**31
         or not _ok(x, *(p for p in params if p is not None))
         or not all(p.is_contiguous() for p in params if p is not None)
     ):
@@ -289,27 +291,112 @@ _PLAIN_PARTS = {"": Block, "ln_1": nn.LayerNorm, "attn": CausalSelfAttention, "a
                 "mlp.c_fc": nn.Linear, "mlp.c_proj": nn.Linear, "mlp.dropout": nn.Dropout}
 
 
-def is_plain(block: nn.Module) -> bool:
-    """Whether `block` is a Block made of its own parts only, so a kernel that reads its weights
-    directly computes what its forward would: no extra modules (an adapter), no hooks, and every
-    Linear a plain nn.Linear (not one wrapped or subclassed by peft's LoRA or a quantizer)."""
+def _hooked(m: nn.Module) -> bool:
+    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks)
+
+
+def _parts_ok(block: nn.Module, linear_ok) -> bool:
+    """Whether `block` is a Block of its own parts with no hooks, each Linear slot passing `linear_ok`
+    (which answers for the slot's whole subtree)."""
     n = 0
+    linears = []
     for name, m in block.named_modules():
+        if any(name.startswith(lin + ".") for lin in linears):
+            continue  # inside a Linear slot: linear_ok judged it
         want = _PLAIN_PARTS.get(name)
-        if (want is None or not isinstance(m, want) or (want is nn.Linear and type(m) is not nn.Linear)
-                or m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks):
+        if want is nn.Linear:
+            if _hooked(m) or not linear_ok(m):
+                return False
+            linears.append(name)
+        elif want is None or not isinstance(m, want) or _hooked(m):
             return False
         n += 1
     return n == len(_PLAIN_PARTS)
 
 
+def is_plain(block: nn.Module) -> bool:
+    """Whether `block` is a Block made of its own parts only, so a kernel that reads its weights
+    directly computes what its forward would: no extra modules (an adapter), no hooks, and every
+    Linear a plain nn.Linear (not one wrapped or subclassed by peft's LoRA or a quantizer)."""
+    return _parts_ok(block, lambda m: type(m) is nn.Linear)
+
+
+def _peft_lowrank_types() -> tuple:
+    """peft's LoRA and AdaLoRA Linear layers, when peft is already imported (else nothing to match)."""
+    import sys
+
+    if "peft" not in sys.modules:
+        return ()
+    from peft.tuners.adalora.layer import SVDLinear
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
+    return (LoraLinear, SVDLinear)
+
+
+def _no_dropout(d: nn.Module) -> bool:
+    return type(d) is nn.Identity or (type(d) is nn.Dropout and (d.p == 0 or not d.training))
+
+
+def lowrank_weight(m: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """(weight, bias) that a plain Linear needs to compute what `m` does: m's own for a plain
+    nn.Linear; W + s*B@A for a peft LoRA layer (W + s/r'*B@(A*E) for AdaLoRA's SVD form), built
+    with torch ops so autograd carries the kernel's weight gradient dW' to the factors
+    (dA = s*B^T dW', dB = s*dW' A^T) and the frozen W gets none. None where that is not exact:
+    dropout on the LoRA input while training, DoRA or another variant, a LoRA bias,
+    fan_in_fan_out, merged or disabled adapters, hooks, or any other wrapper."""
+    if type(m) is nn.Linear:
+        return m.weight, m.bias
+    types = _peft_lowrank_types()
+    if type(m) not in types or any(_hooked(sub) for sub in m.modules()):
+        return None
+    base = m.base_layer
+    if (type(base) is not nn.Linear or m.merged or m.disable_adapters or getattr(m, "fan_in_fan_out", False)
+            or getattr(m, "lora_variant", None)):
+        return None
+    w = base.weight
+    for name in m.active_adapters:
+        if name not in m.lora_A.keys():
+            continue
+        if not _no_dropout(m.lora_dropout[name]) or getattr(m, "use_dora", {}).get(name, False):
+            return None
+        A, B, s = m.lora_A[name], m.lora_B[name], m.scaling[name]
+        if type(m) is types[0]:  # LoRA: B(A(x)) * s
+            if type(A) is not nn.Linear or type(B) is not nn.Linear or A.bias is not None or B.bias is not None:
+                return None
+            w = w + (B.weight @ A.weight) * s
+        else:  # AdaLoRA: x @ (A*E)^T @ B^T * s / (ranknum + 1e-5)
+            w = w + (B @ (A * m.lora_E[name])) * (s / (m.ranknum[name] + 1e-5))
+    return w, base.bias
+
+
+def kernel_params(block: nn.Module) -> list | None:
+    """The block kernel's 12 tensors when it computes exactly what `block`'s forward would: a plain
+    block's own (is_plain), or, for a block whose Linears carry peft LoRA/AdaLoRA (no dropout while
+    training), the effective weights of lowrank_weight; None when it must run op by op."""
+    if is_plain(block):
+        return _block_params(block)
+    found = {}
+
+    def take(lin: nn.Module) -> bool:
+        found[id(lin)] = lowrank_weight(lin)  # built once per forward
+        return found[id(lin)] is not None
+
+    if not _parts_ok(block, take):
+        return None
+    a, m = block.attn, block.mlp
+    (wa, ba), (wp, bp), (wf, bf), (wm, bm) = (found[id(x)] for x in (a.c_attn, a.c_proj, m.c_fc, m.c_proj))
+    return [block.ln_1.weight, block.ln_1.bias, wa, ba, wp, bp, block.ln_2.weight, block.ln_2.bias, wf, bf, wm, bm]
+
+
 class FusedBlock(Block):
     """Block whose cache-free forward is one kernel call each way (`block_forward`) while it is made
-    of its own plain parts (`is_plain`), else op by op through its (fused) submodules."""
+    of its own plain parts (`is_plain`) or its Linears carry LoRA it can fold in (`kernel_params`),
+    else op by op through its (fused) submodules."""
 
     def forward(self, x: torch.Tensor, kv=None, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
-        if kv is None and is_plain(self):
-            y = block_forward(self, x)
+        if kv is None:
+            params = kernel_params(self)
+            y = None if params is None else block_forward(self, x, params)
             if y is not None:
                 return y
         return super().forward(x, kv, attn_mask)

@@ -1,10 +1,15 @@
 """Supervised fine-tuning data: JSONL of {"prompt", "completion"} or chat {"messages": [...]},
-encoded with a loss mask (only completion / assistant tokens are learned) and batched padded.
+encoded with a loss mask (only completion / assistant tokens are learned) and batched padded
+(the default) or packed.
 
-Batches are padded, not packed: each row is one example, right-padded to the longest row of
-its batch; padding and prompt positions have target -1 (ignored by the loss). Batches are a
-pure function of (seed, step) (a seeded permutation per epoch), so a resumed run sees the
-same batches as one that never stopped.
+Padded: each row is one example, right-padded to the longest row of its batch. Packed (`pack`):
+whole examples, in a seeded shuffled order, are concatenated into rows of up to block_size + 1
+tokens (an example never split across rows), so few positions are padding; each example ends
+with <|endoftext|>, and attention crosses example boundaries within a row (no block-diagonal
+mask, positions run on), as GPT-2's pre-training and TRL's default packing do. Either way
+padding and prompt positions have target -1 (ignored by the loss), so only completion tokens
+are learned. Batches are a pure function of (seed, step) (a seeded permutation per epoch), so
+a resumed run sees the same batches as one that never stopped.
 
 The chat template (how turns are rendered as text) is stored next to the weights as
 chat_template.json and used by `llmclock chat`.
@@ -126,6 +131,25 @@ def load_examples(path: str | Path, tokenizer, template: ChatTemplate, *, max_le
             raise LLMClockError(f"{path}:{lineno}: no completion tokens left within {max_len} tokens")
         out.append((ids, mask))
     return out
+
+
+def pack(examples: list[tuple[list[int], list[int]]], max_len: int, seed: int) -> list[tuple[list[int], list[int]]]:
+    """Whole examples concatenated into rows of at most `max_len` tokens (ids and loss masks
+    alike), taking them in a seeded shuffled order and starting a new row when the next one does
+    not fit (next-fit)."""
+    order = np.random.Generator(np.random.PCG64([seed, 11])).permutation(len(examples))
+    rows: list[tuple[list[int], list[int]]] = []
+    ids: list[int] = []
+    mask: list[int] = []
+    for i in order:
+        e_ids, e_mask = examples[i]
+        if ids and len(ids) + len(e_ids) > max_len:
+            rows.append((ids, mask))
+            ids, mask = [], []
+        ids, mask = ids + e_ids, mask + e_mask
+    if ids:
+        rows.append((ids, mask))
+    return rows
 
 
 def batch_indices(n: int, batch_size: int, seed: int, step: int) -> np.ndarray:

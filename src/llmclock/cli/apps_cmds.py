@@ -94,7 +94,7 @@ def _eval_one(a, ckpt: str, adapter: str | None) -> tuple[dict, str]:
             out["text"] = evaluate_texts(model, tok, texts, block_size=a.block_size, stride=a.stride,
                                          batch_size=a.batch_size, progress=lambda n: bar.update(n - bar.n))
     if a.gen:
-        from ..adapters import merge
+        from ..adapters import for_engine
         from ..engine import Engine
         from ..evalgen import evaluate_generation, load_examples
         from .engine_cmds import sampling
@@ -102,7 +102,7 @@ def _eval_one(a, ckpt: str, adapter: str | None) -> tuple[dict, str]:
         examples = load_examples(a.gen, limit=a.limit)
         params = sampling(a)
         params.stop = params.stop or ["\n"]  # one line per answer unless --stop says otherwise
-        engine = Engine(merge(model).eval(), tok, slots=a.slots)
+        engine = Engine(for_engine(model).eval(), tok, slots=a.slots)
         with _bar(len(examples), "generate") as bar:
             out["gen"], out["gen_outputs"] = evaluate_generation(engine, examples, params,
                                                                  progress=lambda n: bar.update(n - bar.n))
@@ -172,7 +172,11 @@ def add_finetune(sub) -> None:
     g = p.add_argument_group("training")
     g.add_argument("--steps", type=integer(1), default=500, help="(default: 500)")
     g.add_argument("--max-seconds", type=number(0.0, lo_open=True), help="stop after this wall time")
-    g.add_argument("--batch-size", type=integer(1), default=8, help="examples per step, padded (default: 8)")
+    g.add_argument("--batch-size", type=integer(1), default=8,
+                   help="rows per step: one example each, padded, or packed rows with --pack (default: 8)")
+    g.add_argument("--pack", action="store_true",
+                   help="pack whole examples into rows of --block-size tokens (attention crosses examples "
+                        "within a row; the loss still covers completions only); default: padded, one example per row")
     g.add_argument("--block-size", type=integer(2), default=1024,
                    help="longest example in tokens, capped at the model's context (default: 1024)")
     g.add_argument("--lr", type=number(0.0, lo_open=True), help="peak learning rate (default: full 5e-5, else 1e-3)")
@@ -210,7 +214,7 @@ def cmd_finetune(a) -> None:
                          device=a.device)
     wandb = {"project": a.wandb, "config": {"adapter": cfg.to_dict(), "recipe": recipe.to_dict()}} if a.wandb else None
     try:
-        r = finetune(a.ckpt, a.data, a.out, recipe, cfg, val_path=a.val, resume=a.resume, wandb=wandb)
+        r = finetune(a.ckpt, a.data, a.out, recipe, cfg, val_path=a.val, resume=a.resume, wandb=wandb, pack=a.pack)
     except KeyboardInterrupt:
         raise KeyboardInterrupt(f"checkpoint saved in {a.out}/ckpt; continue with the same command plus --resume")
     echo(f"fine-tuned ({a.method}) to step {r.step}: {r.tokens_per_s:,.0f} tokens/s, last loss {r.last_loss:.4f}"

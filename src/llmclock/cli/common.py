@@ -51,8 +51,9 @@ def add_device_flags(p, default: str = "cpu") -> None:
 
 def load_model(a, *, tokenizer: bool = True, merged: bool = True):
     """(model, tokenizer) from --ckpt on --device with --threads, verified (hash, finite weights),
-    with --adapter applied when given (`merged`: LoRA/AdaLoRA folded into the weights in memory,
-    which the engine needs: it streams each Linear's plain weight)."""
+    with --adapter applied when given (`merged`, for the engine: LoRA/AdaLoRA folded into the
+    weights in memory, as it streams each Linear's plain weight; a bottleneck adapter left in place,
+    its adapted Linears run op by op)."""
     import torch
 
     from ..checkpoint import load_checkpoint
@@ -69,4 +70,4 @@ def load_model(a, *, tokenizer: bool = True, merged: bool = True):
 
 def add_adapter(p) -> None:
     p.add_argument("--adapter", type=options.path,
-                   help="an adapter directory written by `llmclock finetune` (LoRA, AdaLoRA) to apply unmerged")
+                   help="an adapter directory written by `llmclock finetune` (LoRA, AdaLoRA, bottleneck adapter) to apply unmerged")

@@ -185,10 +185,12 @@ def make_block(block, c_attn, attn_proj, c_fc, mlp_proj, *, approximate: str = "
     from ..fused import is_plain
 
     lib, lins = get_lib(), (c_attn, attn_proj, c_fc, mlp_proj)
+    if lib is None or not is_plain(block):  # first: an adapted Linear has no .bias to read
+        return None
     ln_1, ln_2, a, m = block.ln_1, block.ln_2, block.attn, block.mlp
     C = ln_1.weight.numel()
     params = [ln_1.weight, ln_1.bias, a.c_attn.bias, a.c_proj.bias, ln_2.weight, ln_2.bias, m.c_fc.bias, m.c_proj.bias]
-    if (lib is None or not is_plain(block) or any(f.packed is None for f in lins) or m.c_fc.weight.shape != (4 * C, C)
+    if (any(f.packed is None for f in lins) or m.c_fc.weight.shape != (4 * C, C)
             or any(p is not None and (p.dtype != torch.float32 or p.device.type != "cpu" or not p.is_contiguous())
                    for p in params)):
         return None

@@ -21,7 +21,7 @@ class ServerConfig:
     ckpt: str | None = None
     """Checkpoint directory to serve (loaded in the background at start-up; /ready says when)."""
     adapter: str | None = None
-    """A LoRA/AdaLoRA adapter directory (`llmclock finetune`) for ckpt, folded into its weights at load."""
+    """An adapter directory (`llmclock finetune`) for ckpt, loaded as `generate --adapter` loads it."""
     model_name: str | None = None
     """The model id in /v1/models and responses; default: the checkpoint directory's name."""
     host: str = "127.0.0.1"
@@ -84,7 +84,7 @@ class ServerConfig:
             raise LLMClockError("serve: give a checkpoint (--ckpt)")
         read_config(Path(self.ckpt))
         if self.adapter:
-            check_adapter(self.adapter, base_weights_hash(self.ckpt), merged=True)
+            check_adapter(self.adapter, base_weights_hash(self.ckpt))
         template_for(self.ckpt, self.adapter)
 
     def keys(self) -> list[str]:
