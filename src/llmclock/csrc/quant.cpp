@@ -317,7 +317,7 @@ static void panel_int4_vnni(const int8_t* xq, int64_t K, int64_t G, const uint8_
     const uint8_t* wg = w + g * G * (P / 2);
     const int8_t* xg = xq + g * G;
     for (int64_t k = 0; k < G; k += 4 * U) {
-      __builtin_prefetch(wg + k * (P / 2) + PF);  // 32 bytes per 4 k-steps
+      __builtin_prefetch(wg + k * (P / 2) + 4 * PF);  // 32 bytes per 4 k-steps; further ahead: it runs faster
       for (int u = 0; u < U; ++u) {
         const __m512i raw = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i*)(wg + (k + 4 * u) * (P / 2))));
         const __m512i wu = _mm512_and_si512(_mm512_srlv_epi32(_mm512_permutexvar_epi8(perm, raw), sh), lo4);
