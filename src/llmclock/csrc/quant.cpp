@@ -28,7 +28,7 @@ typedef uint16_t v8h __attribute__((vector_size(16)));
 
 #define P 16
 #define MR 4     // rows per pass: 2 accumulators per row + weights fit 16 vector registers
-#define PF 512
+#define PF 512   // software prefetch distance in bytes
 
 #if defined(__AVX2__)
 #include <immintrin.h>
@@ -190,11 +190,9 @@ static inline void panel_int4(const float* x, int64_t ldx, int64_t K, int64_t G,
 // AVX-512 (x86-64-v4): a 16-column panel k-step is one zmm, so each format needs half the
 // instructions per weight of the 256-bit code above (which stays the AVX2 path).
 //   bf16, int8: one widening load (+ shift / convert) and one FMA per row per 16 weights.
-//   int4: two k-steps (16 bytes, 32 weights) per group of instructions: their bytes are interleaved
-//   (vpshufb) so that lane 2j holds k-step k and lane 2j+1 k-step k+1 of column j (low nibble) or
-//   j+8 (high nibble); x's pair (x[k], x[k+1]) is one vbroadcastsd; the two lanes of a column are
-//   added at the end of each group. The nibble -> float is a vpermps from a 16-entry table (the
-//   index's high bits are ignored, so the low nibble needs no mask).
+//   int4 (AVX-512 without VNNI/VBMI, or LLMCLOCK_QUANT_VNNI=0): see panel_int4_512; with VNNI, see
+//   panel_int4_vnni. On Zen 4 (512-bit ops on 256-bit units) the float paths gain little; the
+//   integer int4 path is what makes int4 faster than int8.
 #define QUANT_AVX512 1
 template <int R> struct Unroll512 { static constexpr int U = R == 1 ? 4 : R == 2 ? 2 : 1; };
 
