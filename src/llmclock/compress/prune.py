@@ -75,6 +75,17 @@ def kept_width(hidden: int, fraction: float) -> int:
     return min(hidden, max(MULTIPLE, keep))
 
 
+def _calibrate(model, batches, hooks: list[tuple[nn.Module, object]]) -> None:
+    """Run the calibration `batches` through `model` with each (module, forward pre-hook) attached."""
+    handles = [module.register_forward_pre_hook(hook) for module, hook in hooks]
+    try:
+        for x in batches:
+            model(torch.as_tensor(x))
+    finally:
+        for h in handles:
+            h.remove()
+
+
 @torch.no_grad()
 def mlp_importance(model, batches) -> list[torch.Tensor]:
     """Per block, each hidden neuron's importance on `batches` of (B, T) token ids (see module doc)."""
@@ -89,13 +100,7 @@ def mlp_importance(model, batches) -> list[torch.Tensor]:
                 count[0] += a.size(0)
         return pre
 
-    handles = [b.mlp.c_proj.register_forward_pre_hook(hook(i)) for i, b in enumerate(model.transformer.h)]
-    try:
-        for x in batches:
-            model(torch.as_tensor(x))
-    finally:
-        for h in handles:
-            h.remove()
+    _calibrate(model, batches, [(b.mlp.c_proj, hook(i)) for i, b in enumerate(model.transformer.h)])
     return [s / count[0] * b.mlp.c_proj.weight.norm(dim=0) for s, b in zip(sums, model.transformer.h)]
 
 
@@ -181,14 +186,7 @@ def head_importance(model, batches) -> list[torch.Tensor]:
                 count[0] += y.size(0)
         return pre
 
-    blocks = model.transformer.h
-    handles = [b.attn.c_proj.register_forward_pre_hook(hook(i, b.attn)) for i, b in enumerate(blocks)]
-    try:
-        for x in batches:
-            model(torch.as_tensor(x))
-    finally:
-        for h in handles:
-            h.remove()
+    _calibrate(model, batches, [(b.attn.c_proj, hook(i, b.attn)) for i, b in enumerate(model.transformer.h)])
     return [s / count[0] for s in sums]
 
 
