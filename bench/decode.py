@@ -3,7 +3,7 @@
     python bench/decode.py [--threads 2] [--rounds 2] [--device cpu|cuda] [--dtype float32|bfloat16]
 
 llama.cpp runs when llama-cpp-python and gguf are installed (`pip install 'llmclock[bench]'`): the
-same weights are written to an f32 GGUF file (gpt2 architecture, a placeholder vocabulary: the
+same weights are written to an f32 GGUF file (gpt2 architecture, a synthetic vocabulary: the
 prompts are token ids) and run as its users run it, `llama_cpp.Llama(..., n_threads=threads)` and
 greedy `generate`, at batch 1 (`b1_vs_llamacpp`, nan without it).
 
@@ -80,7 +80,7 @@ def run_ours(engine: Engine, prompts: torch.Tensor, device: str) -> float:
 
 def write_gguf(model: GPT, path: str) -> None:
     """`model`'s weights as an f32 GGUF file of llama.cpp's gpt2 architecture. nn.Linear's (out, in)
-    is ggml's [in, out] as is; the vocabulary is a placeholder (unique strings, byte tokens first)
+    is ggml's [in, out] as is; the vocabulary is synthetic (unique strings, byte tokens first)
     because the prompts are given as token ids."""
     import gguf
     import numpy as np
