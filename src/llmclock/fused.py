@@ -199,11 +199,12 @@ def _blas_ready() -> bool:
     return lib is not None and bool(lib.has_sgemm())
 
 
-def _block_params(block) -> list:
-    """A Block's 12 parameters in the kernel's order (None for an absent bias)."""
+def _block_params(block, linear=lambda lin: (lin.weight, lin.bias)) -> list:
+    """A Block's 12 tensors in the kernel's order (None for an absent bias); `linear` gives each
+    Linear's (weight, bias), by default its own."""
     a, m = block.attn, block.mlp
-    return [block.ln_1.weight, block.ln_1.bias, a.c_attn.weight, a.c_attn.bias, a.c_proj.weight, a.c_proj.bias,
-            block.ln_2.weight, block.ln_2.bias, m.c_fc.weight, m.c_fc.bias, m.c_proj.weight, m.c_proj.bias]
+    (wa, ba), (wp, bp), (wf, bf), (wm, bm) = map(linear, (a.c_attn, a.c_proj, m.c_fc, m.c_proj))
+    return [block.ln_1.weight, block.ln_1.bias, wa, ba, wp, bp, block.ln_2.weight, block.ln_2.bias, wf, bf, wm, bm]
 
 
 def _addresses(ts) -> ctypes.Array:
@@ -383,9 +384,7 @@ def kernel_params(block: nn.Module) -> list | None:
 
     if not _parts_ok(block, take):
         return None
-    a, m = block.attn, block.mlp
-    (wa, ba), (wp, bp), (wf, bf), (wm, bm) = (found[id(x)] for x in (a.c_attn, a.c_proj, m.c_fc, m.c_proj))
-    return [block.ln_1.weight, block.ln_1.bias, wa, ba, wp, bp, block.ln_2.weight, block.ln_2.bias, wf, bf, wm, bm]
+    return _block_params(block, lambda lin: found[id(lin)])
 
 
 class FusedBlock(Block):
