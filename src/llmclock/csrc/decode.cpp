@@ -6,6 +6,7 @@
 #include <stdint.h>
 #include <string.h>
 #include "kernels.h"
+#include "vec.h"
 typedef float v16 __attribute__((vector_size(64), aligned(4)));
 #if defined(__AVX512F__)
 #define SW 16
@@ -18,23 +19,10 @@ typedef float vw __attribute__((vector_size(SW * 4), aligned(4)));  /* the nativ
 #define P 32
 #define PF 1024 /* software prefetch distance (floats): +10% M=1, +25% M=8 */
 
-/* GPT-2's GELU: gelu 1 the tanh form, 2 the exact (erf) form */
-static inline float gelu_scalar(float t, int gelu) {
-  if (gelu == 1) return 0.5f * t * (1.f + tanhf(0.7978845608028654f * (t + 0.044715f * t * t * t)));
-  return 0.5f * t * (1.f + erff(t * 0.7071067811865476f));
-}
-
 /* the finished sums of MR rows (r, MR x 32) -> y[0:MR, 0:nj], with bias, GELU and the residual add */
 static inline void store_rows(int MR, const float* r, const float* bias, float* y, int64_t ldy, int nj, int gelu,
                               int acc) {
-  for (int m = 0; m < MR; ++m) {
-    float* yr = y + m * ldy;
-    for (int j = 0; j < nj; ++j) {
-      float t = r[m * P + j] + (bias ? bias[j] : 0.f);
-      if (gelu) t = gelu_scalar(t, gelu);
-      yr[j] = acc ? yr[j] + t : t;
-    }
-  }
+  for (int m = 0; m < MR; ++m) epilogue(r + m * P, bias, y + m * ldy, nj, gelu, acc);
 }
 
 #if defined(__AVX512F__)

@@ -7,13 +7,6 @@
 #include "vec.h"
 
 /* ---- GELU: y = x * Phi(x), exact (erf) or GPT-2's tanh approximation; dx = dy * y'(x) ---- */
-/* tanh form through the logistic: 0.5 (1 + tanh u) = 1 / (1 + e^-2u), free of cancellation where
-   tanh u is near -1 (u = sqrt(2/pi) (x + 0.044715 x^3)); its derivative 0.5 (1 - tanh^2 u) = 2 s (1 - s). */
-static inline vf e_minus_2u(vf x) { return vexp(-1.5957691216057308f * (x + 0.044715f * x * x * x)); }
-static inline vf gelu_v(vf x, int approx) {
-  if (approx) return x * vrcp(1.f + e_minus_2u(x));
-  return x * vphi(x, 0);
-}
 static inline vf gelu_grad_v(vf x, int approx) {
   if (approx) {
     const vf e = e_minus_2u(x), s = vrcp(1.f + e);

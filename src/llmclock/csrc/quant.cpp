@@ -18,6 +18,7 @@
 #include <string.h>
 #include <math.h>
 #include <stdlib.h>
+#include "vec.h"
 
 typedef float v8f __attribute__((vector_size(32)));
 typedef int32_t v8i __attribute__((vector_size(32)));
@@ -62,13 +63,7 @@ static inline void store(int mr, v8f (*acc)[2], const float* bias, float* y, int
   for (int m = 0; m < mr; ++m) {
     float r[P];
     memcpy(r, &acc[m][0], 32); memcpy(r + 8, &acc[m][1], 32);
-    float* yr = y + m * ldy;
-    for (int j = 0; j < nj; ++j) {
-      float t = r[j] + (bias ? bias[j] : 0.f);
-      if (gelu == 1) t = 0.5f * t * (1.f + tanhf(0.7978845608028654f * (t + 0.044715f * t * t * t)));
-      else if (gelu == 2) t = 0.5f * t * (1.f + erff(t * 0.7071067811865476f));
-      yr[j] = acc_out ? yr[j] + t : t;
-    }
+    epilogue(r, bias, y + m * ldy, nj, gelu, acc_out);
   }
 }
 

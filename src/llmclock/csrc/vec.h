@@ -83,6 +83,29 @@ static inline vf vphi(vf x, vf* pdf) {  /* standard normal cdf; its density too 
   return x < 0.f ? c : 1.f - c;
 }
 
+/* GELU on VL lanes: the exact (erf) form, or GPT-2's tanh approximation through the logistic,
+   0.5 (1 + tanh u) = 1 / (1 + e^-2u), free of cancellation where tanh u is near -1
+   (u = sqrt(2/pi) (x + 0.044715 x^3)). */
+static inline vf e_minus_2u(vf x) { return vexp(-1.5957691216057308f * (x + 0.044715f * x * x * x)); }
+static inline vf gelu_v(vf x, int approx) {
+  if (approx) return x * vrcp(1.f + e_minus_2u(x));
+  return x * vphi(x, 0);
+}
+
+/* The decode GEMVs' store: y[0:n] (=, or += when acc) act(r[0:n] + bias[0:n]), VL lanes at a time;
+   act is none (gelu 0), GELU's tanh form (1) or its exact form (2). libm's scalar tanhf here cost
+   ~10% of a decode cycle of a small model. */
+static inline void epilogue(const float* r, const float* bias, float* y, int64_t n, int gelu, int acc) {
+  for (int64_t j = 0; j < n; j += VL) {
+    const int64_t m = n - j < VL ? n - j : VL;
+    vf t = ldn(r + j, m);
+    if (bias) t += ldn(bias + j, m);
+    if (gelu) t = gelu_v(t, gelu == 1);
+    if (acc) t += ldn(y + j, m);
+    stn(y + j, t, m);
+  }
+}
+
 /* all VL lanes folded by op in log2(VL) butterfly steps, the result in every lane */
 template <class Op>
 static inline float hreduce(vf v, Op op) {

@@ -36,6 +36,8 @@ class Metrics:
             self.rejected.labels(reason)  # export zeros, so rates exist before the first refusal
         self.ready = Gauge("llmclock_ready", "1 once the model is loaded and the engine runs", registry=r)
         self._window: collections.deque[tuple[float, int]] = collections.deque()
+        self._in_window = 0
+        """Tokens in `_window` (kept as a running sum: the window holds thousands of cycles)."""
         self._lock = threading.Lock()
 
     def tokens(self, n: int, now: float | None = None) -> None:
@@ -44,9 +46,10 @@ class Metrics:
         self.generated_tokens.inc(n)
         with self._lock:
             self._window.append((now, n))
+            self._in_window += n
             while self._window and self._window[0][0] < now - 10.0:
-                self._window.popleft()
-            self.tokens_per_second.set(sum(k for _, k in self._window) / 10.0)
+                self._in_window -= self._window.popleft()[1]
+            self.tokens_per_second.set(self._in_window / 10.0)
 
     def render(self) -> tuple[bytes, str]:
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
