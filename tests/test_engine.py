@@ -213,3 +213,35 @@ def test_exact_gelu_and_no_bias_variant_decodes_like_full_forward(char_tok):
                                                                                ignore_eos=True))
     for prompt, comp in zip(PROMPTS, c):
         assert comp.token_ids == _full_forward_greedy(model, char_tok.encode(prompt), 15)
+
+
+def test_short_prefill_on_the_decode_kernels_equals_the_torch_forward(tiny_model, char_tok, monkeypatch):
+    """A cycle of at most KERNEL_PREFILL_ROWS prompt tokens runs them as rows of the decode kernels (each
+    at its own position, rows of one slot attending causally); its logits and KV cache equal the torch
+    prefill's, also with chunks of two prompts in one cycle."""
+    from llmclock.engine import kernels, runner
+    from tests.conftest import requires_kernels
+
+    requires_kernels(kernels)
+    calls = []
+    torch_prefill = runner.prefill
+    monkeypatch.setattr(runner, "prefill", lambda *a, **k: calls.append(1) or torch_prefill(*a, **k))
+
+    def run(limit):
+        monkeypatch.setattr(runner, "KERNEL_PREFILL_ROWS", limit)
+        eng = Engine(tiny_model, char_tok, slots=3)
+        eng.add("First Cit", SamplingParams(max_new_tokens=1, temperature=0))
+        eng.add("All:\nSp", SamplingParams(max_new_tokens=1, temperature=0))
+        plan = eng.scheduler.schedule()
+        logits = eng.runner.prefill(plan.prefill, None)
+        n = sum(c.end - c.start for c in plan.prefill)
+        return logits, [k.clone() for k in eng.cache.k], [v.clone() for v in eng.cache.v], n
+
+    fast, kf, vf, n = run(16)
+    assert calls == [] and n == len("First Cit") + len("All:\nSp")
+    slow, ks, vs, _ = run(0)
+    assert calls == [1]
+    assert fast.shape == slow.shape == (2, tiny_model.config.vocab_size)
+    torch.testing.assert_close(fast, slow, atol=1e-4, rtol=1e-4)
+    for a, b in zip(kf + vf, ks + vs):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)

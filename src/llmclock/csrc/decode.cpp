@@ -121,24 +121,32 @@ extern "C" void linear_panels(const float* x, int64_t M, int64_t ldx, int64_t K,
    null): write row b's key and value at position pos[b] of slot s, then
    y[b] = softmax(q K[0..pos[b]]^T / sqrt(hs)) V[0..pos[b]] per head over that slot's history.
    qkv is (n, 3C) as c_attn produces it; kc, vc are (slots, nh, max_len, hs) contiguous. Each row
-   sees exactly its own history, so slots at different positions need no mask. Above 65536 floats
-   of history the (row, head) pairs are split over the threads. */
+   sees exactly its own history, so slots at different positions need no mask. Every row's key and
+   value are written before any row attends, so rows of one slot at consecutive positions (a short
+   prompt prefilled as rows) attend causally. Above 65536 floats of history the (row, head) pairs are
+   split over the threads. */
 extern "C" void attend_decode(const float* qkv, int64_t n, int64_t nh, int64_t hs, float* kc, float* vc,
                               int64_t max_len, const int64_t* pos, const int64_t* slots, float* y, int nthreads) {
   const int64_t C = nh * hs;
   const float scale = 1.0f / sqrtf((float)hs);
   int64_t work = 0;
   for (int64_t b = 0; b < n; ++b) work += (pos[b] + 1) * C;
+  for (int64_t b = 0; b < n; ++b) {
+    const int64_t slot = slots ? slots[b] : b;
+    for (int64_t h = 0; h < nh; ++h) {
+      const float* q = qkv + b * 3 * C + h * hs;
+      memcpy(kc + ((slot * nh + h) * max_len + pos[b]) * hs, q + C, hs * sizeof(float));
+      memcpy(vc + ((slot * nh + h) * max_len + pos[b]) * hs, q + 2 * C, hs * sizeof(float));
+    }
+  }
   #pragma omp parallel for collapse(2) schedule(static) num_threads(work > 65536 ? nthreads : 1)
   for (int64_t b = 0; b < n; ++b) {
     for (int64_t h = 0; h < nh; ++h) {
       const float* q = qkv + b * 3 * C + h * hs;
       const int64_t slot = slots ? slots[b] : b;
-      float* K = kc + (slot * nh + h) * max_len * hs;
-      float* V = vc + (slot * nh + h) * max_len * hs;
+      const float* K = kc + (slot * nh + h) * max_len * hs;
+      const float* V = vc + (slot * nh + h) * max_len * hs;
       const int64_t L = pos[b] + 1;
-      memcpy(K + pos[b] * hs, q + C, hs * sizeof(float));
-      memcpy(V + pos[b] * hs, q + 2 * C, hs * sizeof(float));
       float* s = (float*)__builtin_alloca(L * sizeof(float));
       float mx = -INFINITY;
       for (int64_t j = 0; j < L; ++j) {

@@ -80,8 +80,10 @@ class DecodePlan:
         self.head = lin(model.lm_head)
 
 
-def tick(plan: DecodePlan, cache: KVCache, tokens, pos, slots, L: int, mask, probe: Probe | None = None, attend=None):
-    """One decode cycle, one row per ticking sequence: tokens (n,), positions (n,) -> next-token logits (n, V).
+def tick(plan: DecodePlan, cache: KVCache, tokens, pos, slots, L: int, mask, probe: Probe | None = None, attend=None,
+         rows=None):
+    """One decode cycle, one row per ticking sequence: tokens (n,), positions (n,) -> next-token logits (n, V),
+    or only those of `rows` (an index tensor; the probe sees those rows too).
 
     Writes each row's key/value at its own position in its slot, then attends over its history:
     with `attend` (qkv, kc, vc, pos) -> y, which knows the rows' slots (ModelRunner binds them),
@@ -121,8 +123,10 @@ def tick(plan: DecodePlan, cache: KVCache, tokens, pos, slots, L: int, mask, pro
             layer.attn_proj(y.view(n, -1), out=x, accumulate=True)  # x += c_proj(y), fused
             layer.mlp_proj(layer.c_fc(F.layer_norm(x, shape, *layer.ln_2), gelu=True), out=x, accumulate=True)  # x += mlp(ln_2(x))
         if probe is not None:
-            probe.residual(i, x)
+            probe.residual(i, x if rows is None else x[rows])
             probe.mark(f"block{i}")
+    if rows is not None:
+        x = x[rows]
     logits = plan.head(F.layer_norm(x, shape, *plan.ln_f))  # (n, V)
     if probe is not None:
         probe.mark("head")
@@ -154,6 +158,13 @@ def prefill(model, cache: KVCache, chunks: list[tuple[int, int, int]], ids: torc
     return logits
 
 
+KERNEL_PREFILL_ROWS = 16
+"""A cycle's prompt tokens up to which prefill runs through the decode kernels, each token a row at its
+own position, rather than a torch forward: so few rows are memory-bound, and the kernels stream the
+packed weights at decode speed (GPT-2 124M shape, 1 thread: a 2-token prompt in ~15 ms instead of
+51 ms through torch's matrix products); more rows are compute-bound, where torch's GEMM wins."""
+
+
 class ModelRunner:
     """The cache and the decode plan of one engine; runs the forwards a cycle's Schedule asks for."""
 
@@ -175,7 +186,14 @@ class ModelRunner:
         ids = torch.tensor([t for c in chunks for t in c.seq.prompt_ids[c.start : c.end]], device=self.device)
         ends = list(itertools.accumulate(c.end - c.start for c in chunks))
         last = torch.tensor([e - 1 for c, e in zip(chunks, ends) if c.last], device=self.device, dtype=torch.long)
-        logits = prefill(self.model, self.cache, [(c.seq.slot, c.start, c.end) for c in chunks], ids, last, probe)
+        spans = [(c.seq.slot, c.start, c.end) for c in chunks]
+        if self.attend is not None and len(ids) <= KERNEL_PREFILL_ROWS:  # row by row through the decode kernels
+            slots = [s for s, start, end in spans for _ in range(start, end)]
+            pos = torch.cat([torch.arange(start, end, device=self.device) for _, start, end in spans])
+            logits = tick(self.plan, self.cache, ids, pos, _slot_index(slots, self.device), int(pos.max()) + 1, None,
+                          probe, _attend_rows(self.attend, slots), rows=last)
+        else:
+            logits = prefill(self.model, self.cache, spans, ids, last, probe)
         for c in chunks:
             c.seq.prefilled = self.cache.lengths[c.seq.slot] = c.end
         return logits
