@@ -144,9 +144,6 @@ class EngineLoop:
 
             torch.set_num_threads(self.threads)  # set here: a thread does not inherit another's setting
         eng = self.engine
-        import os
-        if os.environ.get("XPIN"):
-            os.sched_setaffinity(0, {int(os.environ["XPIN"])})
         while True:
             with self._wake:
                 while not self._stop and not self._inbox and not eng.has_work():
@@ -160,7 +157,7 @@ class EngineLoop:
             if not eng.has_work():
                 continue
             self._attach_tracer()
-            t0 = time.perf_counter(); _tt = time.thread_time()
+            t0 = time.perf_counter()
             try:
                 events = eng.step()
             except Exception as e:  # noqa: BLE001 - the engine thread must outlive one bad cycle
@@ -169,9 +166,6 @@ class EngineLoop:
             self._deliver(events, self._take_records())
             self._attach_tracer()  # detach once the last traced job is done
             self._measure(time.perf_counter() - t0)
-            _S[0] += 1; _S[1] += time.perf_counter() - t0; _S[2] += time.thread_time() - _tt
-            if _S[0] % 2000 == 0:
-                open("/tmp/sp/loopstat.txt", "a").write(f"{_S[0]} wall/step {_S[1]/_S[0]*1e6:.0f} us  cpu/step(engine thread) {_S[2]/_S[0]*1e6:.0f} us\n")
         self._fail_all("the server is shutting down", 503)
 
     def _admit(self, job: Job) -> None:
@@ -289,9 +283,6 @@ class EngineLoop:
 def _put_all(batch: list) -> None:
     for queue, items in batch:
         queue.put_nowait(items)
-
-
-_S = [0, 0.0, 0.0]
 
 
 def cycles_until(need: int, running: list[int], waiting: list[int], slots: int) -> int:
