@@ -182,3 +182,43 @@ def test_abort_mid_prefill_frees_the_slot(tiny_model, char_tok):
     out = list(eng.generate([], None))
     assert nxt.output_ids == Engine(tiny_model, char_tok).complete([PROMPTS[0]], _greedy(6))[0].token_ids
     assert len(out) == 6 and {ev.slot for ev in out} == {0}
+
+
+def test_short_prompts_join_the_tick_in_one_pass(tiny_model, char_tok, monkeypatch):
+    """Without a probe, a cycle that admits short prompts while others tick is one pass of the decode
+    kernels over all rows (no separate tick, no torch prefill), and every sequence still gets the greedy
+    tokens of a full forward; a prompt longer than KERNEL_PREFILL_ROWS still prefills through torch."""
+    from llmclock.engine import kernels, runner
+    from tests.conftest import requires_kernels
+
+    requires_kernels(kernels)
+    calls = {"tick": 0, "torch": 0}
+    torch_prefill = runner.prefill
+    monkeypatch.setattr(runner, "prefill", lambda *a, **k: calls.__setitem__("torch", calls["torch"] + 1)
+                        or torch_prefill(*a, **k))
+    eng = Engine(tiny_model, char_tok, slots=3)
+    tick = eng.runner.tick
+    eng.runner.tick = lambda *a: calls.__setitem__("tick", calls["tick"] + 1) or tick(*a)
+    prompts, params = ["First Cit", "All:\nSp", "You are"], [_greedy(n) for n in (12, 9, 5)]
+    seqs = [eng.add(prompts[0], params[0])]
+    for p, sp in zip(prompts[1:], params[1:]):  # admitted while the earlier ones tick
+        eng.step(), eng.step()
+        seqs.append(eng.add(p, sp))
+    while eng.has_work():
+        eng.step()
+    assert calls == {"tick": 0, "torch": 0}
+    for p, sp, s in zip(prompts, params, seqs):
+        assert s.output_ids == _full_forward_greedy(tiny_model, char_tok.encode(p), sp.max_new_tokens)
+    long = eng.add(PROMPTS[2], _greedy(3))
+    while eng.has_work():
+        eng.step()
+    assert calls["torch"] == 1 and long.output_ids == _full_forward_greedy(tiny_model, char_tok.encode(PROMPTS[2]), 3)
+
+
+def _full_forward_greedy(model, ids, n):
+    out = []
+    for _ in range(n):
+        with torch.no_grad():
+            logits, _ = model(torch.tensor([ids + out]))
+        out.append(int(logits[0, -1].argmax()))
+    return out

@@ -233,7 +233,7 @@ def test_short_prefill_on_the_decode_kernels_equals_the_torch_forward(tiny_model
         eng.add("First Cit", SamplingParams(max_new_tokens=1, temperature=0))
         eng.add("All:\nSp", SamplingParams(max_new_tokens=1, temperature=0))
         plan = eng.scheduler.schedule()
-        logits = eng.runner.prefill(plan.prefill, None)
+        logits = eng.runner.run(plan.prefill, [], None)
         n = sum(c.end - c.start for c in plan.prefill)
         return logits, [k.clone() for k in eng.cache.k], [v.clone() for v in eng.cache.v], n
 

@@ -125,13 +125,9 @@ class Engine:
                 self.counts.admit(c.seq.slot, c.seq.prompt_ids)
         if probe is not None:
             probe.begin(plan.kind, plan.slots)
-        logits = []
-        if plan.prefill:
-            logits.append(self.runner.prefill(plan.prefill, probe))
-        if plan.decode:
-            logits.append(self.runner.tick(plan.decode, probe))
+        logits = self.runner.run(plan.prefill, plan.decode, probe)
         seqs = [c.seq for c in plan.prefill if c.last] + plan.decode
-        return self._postprocess(seqs, torch.cat(logits) if len(logits) > 1 else logits[0])
+        return self._postprocess(seqs, logits)
 
     def _postprocess(self, seqs: list[Sequence], logits: torch.Tensor) -> list[Event]:
         """Sample one token per sequence, release text, detect stops, free finished slots."""

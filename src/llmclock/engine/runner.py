@@ -181,21 +181,58 @@ class ModelRunner:
         # specialises sizes 0 and 1, so a lone row and the first position get graphs of their own)
         self._tick = torch.compile(tick, dynamic=True) if compile else tick
 
+    def run(self, prefill: list[Chunk], decode: list[Sequence], probe: Probe | None) -> torch.Tensor:
+        """One cycle's forwards: -> the logits of the prompts that end this cycle (chunk order), then of
+        the ticking sequences (m + len(decode), V).
+
+        A chunk of at most KERNEL_PREFILL_ROWS tokens runs through the decode kernels, each token a row
+        at its own position; longer ones through a torch forward. Without a probe, the ticking
+        sequences join the short chunks' rows in one pass over the weights, so a cycle that admits a
+        short prompt costs about what a plain tick does (with a probe, the tracer's two passes stay)."""
+        kernel = self.attend is not None
+        short = [kernel and c.end - c.start <= KERNEL_PREFILL_ROWS for c in prefill]
+        join = kernel and probe is None and bool(decode)
+        long = [c for c, k in zip(prefill, short) if not k]
+        rows_of = [c for c, k in zip(prefill, short) if k]
+        out_long = iter(self.prefill(long, probe) if long else [])
+        together = self._rows(rows_of, decode if join else [], probe) if rows_of or join else None
+        out_rows = iter(together if together is not None else [])
+        logits = [next(out_rows) if k else next(out_long) for c, k in zip(prefill, short) if c.last]
+        if decode:
+            ticked = list(out_rows) if join else list(self.tick(decode, probe))
+            logits += ticked
+        if not logits:  # the cycle only advanced a long prompt's prefill
+            return torch.empty(0, self.model.config.vocab_size, device=self.device)
+        return torch.stack(logits)
+
     def prefill(self, chunks: list[Chunk], probe: Probe | None) -> torch.Tensor:
-        """Prefill the chunks in one forward; -> logits (m, V) for those that end their prompt, in order."""
+        """Prefill the chunks in one torch forward; -> logits (m, V) for those that end their prompt, in order."""
         ids = torch.tensor([t for c in chunks for t in c.seq.prompt_ids[c.start : c.end]], device=self.device)
         ends = list(itertools.accumulate(c.end - c.start for c in chunks))
         last = torch.tensor([e - 1 for c, e in zip(chunks, ends) if c.last], device=self.device, dtype=torch.long)
-        spans = [(c.seq.slot, c.start, c.end) for c in chunks]
-        if self.attend is not None and len(ids) <= KERNEL_PREFILL_ROWS:  # row by row through the decode kernels
-            slots = [s for s, start, end in spans for _ in range(start, end)]
-            pos = torch.cat([torch.arange(start, end, device=self.device) for _, start, end in spans])
-            logits = tick(self.plan, self.cache, ids, pos, _slot_index(slots, self.device), int(pos.max()) + 1, None,
-                          probe, _attend_rows(self.attend, slots), rows=last)
-        else:
-            logits = prefill(self.model, self.cache, spans, ids, last, probe)
+        logits = prefill(self.model, self.cache, [(c.seq.slot, c.start, c.end) for c in chunks], ids, last, probe)
         for c in chunks:
             c.seq.prefilled = self.cache.lengths[c.seq.slot] = c.end
+        return logits
+
+    def _rows(self, chunks: list[Chunk], seqs: list[Sequence], probe: Probe | None) -> torch.Tensor:
+        """Prompt chunks and ticking sequences as rows of one pass through the decode kernels: each
+        prompt token a row at its position (rows of one slot attend causally), then each sequence's
+        last token; -> logits of the chunks that end their prompt, then of the sequences."""
+        dev = self.device
+        tokens = [t for c in chunks for t in c.seq.prompt_ids[c.start : c.end]] + [s.output_ids[-1] for s in seqs]
+        pos = [p for c in chunks for p in range(c.start, c.end)] + [s.position for s in seqs]
+        slots = [c.seq.slot for c in chunks for _ in range(c.start, c.end)] + [s.slot for s in seqs]
+        ends = list(itertools.accumulate(c.end - c.start for c in chunks))
+        n = ends[-1] if ends else 0
+        rows = [e - 1 for c, e in zip(chunks, ends) if c.last] + list(range(n, n + len(seqs)))
+        logits = tick(self.plan, self.cache, torch.tensor(tokens, device=dev), torch.tensor(pos, device=dev),
+                      _slot_index(slots, dev), max(pos) + 1, None, probe, _attend_rows(self.attend, slots),
+                      rows=torch.tensor(rows, device=dev, dtype=torch.long))
+        for c in chunks:
+            c.seq.prefilled = self.cache.lengths[c.seq.slot] = c.end
+        for s in seqs:
+            self.cache.lengths[s.slot] = s.position + 1
         return logits
 
     def tick(self, seqs: list[Sequence], probe: Probe | None) -> torch.Tensor:
