@@ -2,7 +2,7 @@
 what each scheme and 25% structured MLP (and attention-head) pruning cost in perplexity on a small
 trained model.
 
-    python bench/compress.py [--threads 2] [--rounds 2] [--new-tokens 128] [--data TEXT] [--train-steps 1500]
+    python bench/compress.py [--threads 2] [--rounds 3] [--new-tokens 128] [--data TEXT] [--train-steps 1500]
     python bench/compress.py --quick     # a short end-to-end check (1 round, 8 tokens, 60 train steps): not a result
 
 Speed: GPT-2 124M shape (random init, tied head), prompt 16 tokens, --new-tokens (128) greedy new tokens at
@@ -169,7 +169,7 @@ def _quality(args, work: Path) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--group", type=int, default=64, help="int4 group size for the speed runs")
     ap.add_argument("--new-tokens", type=int, default=128, help="greedy tokens per sequence in the speed runs")
     ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"))
