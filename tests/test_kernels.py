@@ -101,9 +101,10 @@ def test_make_linear_fused_gelu_and_residual():
     torch.testing.assert_close(h, expect, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("slots,nh,max_len,hs,last", [(3, 3, 40, 16, 39), (2, 4, 300, 64, 260)])
+@pytest.mark.parametrize("slots,nh,max_len,hs,last", [(3, 3, 40, 16, 39), (2, 4, 300, 64, 260), (3, 2, 50, 12, 45)])
 def test_decode_attention_matches_sdpa_with_rows_at_different_positions(slots, nh, max_len, hs, last):
-    """The second shape is past the kernel's one-thread limit (its work is split over 2 threads)."""
+    """The second shape is past the kernel's one-thread limit (its work is split over 2 threads); the
+    third's head size (12) is no multiple of any vector width, so it runs the plain loops."""
     requires_kernels(K)
     torch.manual_seed(0)
     C = nh * hs

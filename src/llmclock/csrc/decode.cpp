@@ -117,13 +117,60 @@ extern "C" void linear_panels(const float* x, int64_t M, int64_t ldx, int64_t K,
   }
 }
 
+/* softmax(q K[0..L)^T * scale) V[0..L) for one head: the plain loops (any head size) */
+static void attend_head(const float* q, const float* K, const float* V, int64_t L, int64_t hs, float scale,
+                        float* out) {
+  float* s = (float*)__builtin_alloca(L * sizeof(float));
+  float mx = -INFINITY;
+  for (int64_t j = 0; j < L; ++j) {
+    float d = 0.f;
+    for (int64_t t = 0; t < hs; ++t) d += q[t] * K[j * hs + t];
+    s[j] = d * scale;
+    mx = s[j] > mx ? s[j] : mx;
+  }
+  float sum = 0.f;
+  for (int64_t j = 0; j < L; ++j) { s[j] = expf(s[j] - mx); sum += s[j]; }
+  for (int64_t t = 0; t < hs; ++t) out[t] = 0.f;
+  for (int64_t j = 0; j < L; ++j) {
+    const float p = s[j] / sum;
+    for (int64_t t = 0; t < hs; ++t) out[t] += p * V[j * hs + t];
+  }
+}
+
+/* the same on vectors, for a head size that is a multiple of VL (GPT-2: 64): q and the output
+   row in registers, scores reduced per position, the softmax's exp VL positions at a time */
+static void attend_head_v(const float* q, const float* K, const float* V, int64_t L, int64_t hs, float scale,
+                          float* out) {
+  const int64_t nv = hs / VL, Lp = padv(L);
+  vf qv[16], o[16];
+  for (int64_t i = 0; i < nv; ++i) { qv[i] = ld(q + i * VL) * scale; o[i] = splat(0.f); }
+  float* s = (float*)__builtin_alloca(Lp * sizeof(float));
+  for (int64_t j = 0; j < L; ++j) {
+    vf d = qv[0] * ld(K + j * hs);
+    for (int64_t i = 1; i < nv; ++i) d += qv[i] * ld(K + j * hs + i * VL);
+    s[j] = hsum(d);
+  }
+  for (int64_t j = L; j < Lp; ++j) s[j] = -INFINITY;  /* exp(-inf) = 0: the padding adds nothing */
+  vf m = ld(s);
+  for (int64_t j = VL; j < Lp; j += VL) { const vf t = ld(s + j); m = t > m ? t : m; }
+  const float mx = hmax(m);
+  vf acc = splat(0.f);
+  for (int64_t j = 0; j < Lp; j += VL) { const vf e = vexp(ld(s + j) - mx); st(s + j, e); acc += e; }
+  const float inv = 1.f / hsum(acc);
+  for (int64_t j = 0; j < L; ++j) {
+    const vf p = splat(s[j]);
+    for (int64_t i = 0; i < nv; ++i) o[i] += p * ld(V + j * hs + i * VL);
+  }
+  for (int64_t i = 0; i < nv; ++i) st(out + i * VL, o[i] * inv);
+}
+
 /* One decode step of attention for rows b < n, row b in cache slot s = slots[b] (b where slots is
    null): write row b's key and value at position pos[b] of slot s, then
    y[b] = softmax(q K[0..pos[b]]^T / sqrt(hs)) V[0..pos[b]] per head over that slot's history.
    qkv is (n, 3C) as c_attn produces it; kc, vc are (slots, nh, max_len, hs) contiguous. Each row
    sees exactly its own history, so slots at different positions need no mask. Every row's key and
    value are written before any row attends, so rows of one slot at consecutive positions (a short
-   prompt prefilled as rows) attend causally. Above 65536 floats of history the (row, head) pairs are
+   prompt prefilled as rows) attend causally. Above 16384 floats of history the (row, head) pairs are
    split over the threads. */
 extern "C" void attend_decode(const float* qkv, int64_t n, int64_t nh, int64_t hs, float* kc, float* vc,
                               int64_t max_len, const int64_t* pos, const int64_t* slots, float* y, int nthreads) {
@@ -139,30 +186,16 @@ extern "C" void attend_decode(const float* qkv, int64_t n, int64_t nh, int64_t h
       memcpy(vc + ((slot * nh + h) * max_len + pos[b]) * hs, q + 2 * C, hs * sizeof(float));
     }
   }
-  #pragma omp parallel for collapse(2) schedule(static) num_threads(work > 65536 ? nthreads : 1)
+  #pragma omp parallel for collapse(2) schedule(static) num_threads(work > 16384 ? nthreads : 1)
   for (int64_t b = 0; b < n; ++b) {
     for (int64_t h = 0; h < nh; ++h) {
       const float* q = qkv + b * 3 * C + h * hs;
       const int64_t slot = slots ? slots[b] : b;
       const float* K = kc + (slot * nh + h) * max_len * hs;
       const float* V = vc + (slot * nh + h) * max_len * hs;
-      const int64_t L = pos[b] + 1;
-      float* s = (float*)__builtin_alloca(L * sizeof(float));
-      float mx = -INFINITY;
-      for (int64_t j = 0; j < L; ++j) {
-        float d = 0.f;
-        for (int64_t t = 0; t < hs; ++t) d += q[t] * K[j * hs + t];
-        s[j] = d * scale;
-        mx = s[j] > mx ? s[j] : mx;
-      }
-      float sum = 0.f;
-      for (int64_t j = 0; j < L; ++j) { s[j] = expf(s[j] - mx); sum += s[j]; }
       float* out = y + b * C + h * hs;
-      for (int64_t t = 0; t < hs; ++t) out[t] = 0.f;
-      for (int64_t j = 0; j < L; ++j) {
-        const float p = s[j] / sum;
-        for (int64_t t = 0; t < hs; ++t) out[t] += p * V[j * hs + t];
-      }
+      if (hs % VL == 0 && hs <= 16 * VL) attend_head_v(q, K, V, pos[b] + 1, hs, scale, out);
+      else attend_head(q, K, V, pos[b] + 1, hs, scale, out);
     }
   }
 }
