@@ -189,6 +189,43 @@ def test_decode_block_kernel_equals_block_forward(activation, bias, C, n_head, p
     torch.testing.assert_close(vc, ref_v)
 
 
+@pytest.mark.parametrize("schemes", [("int4", "int8", "bf16", None), ("int4",) * 4, (None, None, "int8", "int4")])
+@pytest.mark.parametrize("width", [256, 160])
+def test_decode_block_kernel_runs_quantized_and_pruned_blocks(schemes, width):
+    """A block whose Linears are quantized (each its own scheme, fp32 beside them) and whose MLP is
+    narrower than 4C (structured pruning) still decodes in one kernel call, equal to Block.forward."""
+    requires_kernels(K)
+    from llmclock.compress.prune import prune_mlp
+    from llmclock.compress.quant import QuantLinear
+
+    C, n_head, pos = 64, 2, [9, 30]
+    block = _decode_block(C, n_head, "gelu_tanh")
+    if width != 4 * C:
+        model = torch.nn.Module()
+        model.transformer = torch.nn.Module()
+        model.transformer.h = torch.nn.ModuleList([block])
+        prune_mlp(model, 1 - width / (4 * C), [torch.arange(4 * C, dtype=torch.float32)])
+    for name, scheme in zip(("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"), schemes):
+        if scheme is not None:
+            parent, attr = name.split(".")
+            lin = getattr(getattr(block, parent), attr)
+            setattr(getattr(block, parent), attr, QuantLinear.from_linear(lin.weight, lin.bias, scheme, 32))
+    assert block.mlp.c_fc.out_features == width
+    f = _block_kernel(block)
+    assert f is not None
+    n, hs, max_len = len(pos), C // n_head, 64
+    g = torch.Generator().manual_seed(1)
+    kc, vc = torch.randn(n, n_head, max_len, hs, generator=g), torch.randn(n, n_head, max_len, hs, generator=g)
+    x = torch.randn(n, C, generator=g)
+    ref_k, ref_v = kc.clone(), vc.clone()
+    with torch.no_grad():
+        expect = torch.cat([block(x[b : b + 1, None], _HistoryCache(ref_k, ref_v, b, p))[:, 0] for b, p in enumerate(pos)])
+    y = x.clone()
+    f(y, kc, vc, torch.tensor(pos))
+    torch.testing.assert_close(y, expect, atol=2e-4, rtol=2e-4)
+    torch.testing.assert_close(kc, ref_k, atol=1e-5, rtol=1e-5)
+
+
 def test_block_kernel_declines_blocks_with_adapters(mode):
     """A Linear wrapped by an adapter (a subclass standing in for peft's LoRA) is not read as plain
     weights: no whole-block kernel, and its decode linear runs the adapter."""

@@ -22,7 +22,6 @@ which streams the packed bytes once and dequantizes in registers.
 from __future__ import annotations
 
 import ctypes
-from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -37,26 +36,13 @@ PANEL = 16
 KERNEL_ROWS = 64
 """QuantLinear.forward uses the compiled kernel up to this many rows (it streams the weights once per 4)."""
 _FMT = {"bf16": 0, "int8": 1, "int4": 2}
-_SRC = Path(__file__).resolve().parent.parent / "csrc" / "quant.cpp"
-
-
-def _read_src() -> str:
-    try:
-        return _SRC.read_text()
-    except OSError:
-        return ""  # an install without the source: the build fails and callers use torch ops
-
-
 _i64, _ptr, _int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
 _SIGNATURES = {
     "quant_linear": [_int, _ptr, _i64, _i64, _i64, _ptr, _ptr, _i64, _i64, _ptr, _ptr, _i64, _int, _int, _int],
 }
-if hasattr(cbuild, "shared"):  # csrc/ built at install time into the one kernel library (setup.py)
-    _kernels = cbuild.Library(_SIGNATURES)
-else:  # built at first use from this source's text
-    _kernels = cbuild.Library("llmclock_quant", _read_src(), _SIGNATURES)
+_kernels = cbuild.Library(_SIGNATURES)  # csrc/quant.cpp, built at install time into the one kernel library
 get_lib = _kernels.get
-"""The compiled quantized GEMV (built on first call), or None where it cannot be built."""
+"""The compiled quantized GEMV, or None where the kernel library is not built."""
 
 
 # ---------------------------------------------------------------- quantize / dequantize
@@ -243,4 +229,5 @@ def make_quant_linear(m: QuantLinear, *, packed: bool = True, approximate: str =
         return y
 
     linear.packed = (panels, scales)  # keeps the panels alive as long as the function
+    linear.quant = (fmt, scales, group)  # what kernels.make_block needs to run this layer inside a block
     return linear

@@ -216,26 +216,36 @@ extern "C" void layer_norm_rows(const float* x, const float* w, const float* b, 
   }
 }
 
-/* One decode step of a whole transformer block for rows b < n (row b in cache slot slots[b], or b
+/* decode_block: one decode step of a whole transformer block for rows b < n (row b in cache slot slots[b], or b
    where slots is null, at position pos[b]), the residual stream x (n, C) updated in place:
      x += c_proj(attend(c_attn(LN1(x))))   (each row's key and value written at pos[b] first)
      x += mlp.c_proj(GELU(c_fc(LN2(x))))
    w[] holds ln_1.w, ln_1.b, c_attn panels, c_attn.b, attn.c_proj panels, attn.c_proj.b, ln_2.w,
    ln_2.b, c_fc panels, c_fc.b, mlp.c_proj panels, mlp.c_proj.b (panels as make_linear packs them;
-   biases may be null); the MLP is 4C wide; gelu: 1 tanh form, 2 exact. kc, vc are this layer's
-   (slots, nh, max_len, hs) caches; work holds decode_block_work_floats(n, C) floats. */
-extern "C" int64_t decode_block_work_floats(int64_t n, int64_t C) { return n * 9 * C; }
-extern "C" void decode_block(float* x, const float* const* w, int64_t n, int64_t C, int64_t nh, float eps1, float eps2,
-                             int gelu, float* kc, float* vc, int64_t max_len, const int64_t* pos,
-                             const int64_t* slots, float* work, int nthreads) {
-  float *l = work, *qkv = l + n * C, *att = qkv + 3 * n * C, *h = att + n * C;  /* (n, C) (n, 3C) (n, C) (n, 4C) */
-  layer_norm_rows(x, w[0], w[1], n, C, eps1, l);
-  linear_panels(l, n, C, C, w[2], 3 * C, w[3], qkv, 3 * C, 0, 0, nthreads);
+   biases may be null); the MLP is H wide; gelu: 1 tanh form, 2 exact. kc, vc are this layer's
+   (slots, nh, max_len, hs) caches; work holds n (5C + H) floats.
+   Each of the four linears (i = 0 c_attn, 1 attn.c_proj, 2 c_fc, 3 mlp.c_proj) in
+   its own format fmt[i]: -1 fp32 panels, else quant_linear's (0 bf16, 1 int8, 2 int4, with
+   scales[i] and group[i]). */
+static void block_linear(int fmt, const void* wp, const float* scales, int64_t group, const float* x, int64_t n,
+                         int64_t K, int64_t N, const float* bias, float* y, int gelu, int acc, int nthreads) {
+  if (fmt < 0) linear_panels(x, n, K, K, (const float*)wp, N, bias, y, N, gelu, acc, nthreads);
+  else quant_linear(fmt, x, n, K, K, wp, scales, group, N, bias, y, N, gelu, acc, nthreads);
+}
+
+extern "C" void decode_block(float* x, const void* const* w, const int* fmt, const float* const* scales,
+                               const int64_t* group, int64_t n, int64_t C, int64_t H, int64_t nh, float eps1,
+                               float eps2, int gelu, float* kc, float* vc, int64_t max_len, const int64_t* pos,
+                               const int64_t* slots, float* work, int nthreads) {
+  float *l = work, *qkv = l + n * C, *att = qkv + 3 * n * C, *h = att + n * C;  /* (n, C) (n, 3C) (n, C) (n, H) */
+  const float* const* f = (const float* const*)w;
+  layer_norm_rows(x, f[0], f[1], n, C, eps1, l);
+  block_linear(fmt[0], w[2], scales[0], group[0], l, n, C, 3 * C, f[3], qkv, 0, 0, nthreads);
   attend_decode(qkv, n, nh, C / nh, kc, vc, max_len, pos, slots, att, nthreads);
-  linear_panels(att, n, C, C, w[4], C, w[5], x, C, 0, 1, nthreads);
-  layer_norm_rows(x, w[6], w[7], n, C, eps2, l);
-  linear_panels(l, n, C, C, w[8], 4 * C, w[9], h, 4 * C, gelu, 0, nthreads);
-  linear_panels(h, n, 4 * C, 4 * C, w[10], C, w[11], x, C, 0, 1, nthreads);
+  block_linear(fmt[1], w[4], scales[1], group[1], att, n, C, C, f[5], x, 0, 1, nthreads);
+  layer_norm_rows(x, f[6], f[7], n, C, eps2, l);
+  block_linear(fmt[2], w[8], scales[2], group[2], l, n, C, H, f[9], h, gelu, 0, nthreads);
+  block_linear(fmt[3], w[10], scales[3], group[3], h, n, H, C, f[11], x, 0, 1, nthreads);
 }
 
 /* the sum of n floats (n a multiple of 4096), read once at the widest native vector width */

@@ -33,9 +33,12 @@ void linear_panels(const float* x, int64_t M, int64_t ldx, int64_t K, const floa
 void attend_decode(const float* qkv, int64_t n, int64_t nh, int64_t hs, float* kc, float* vc, int64_t max_len,
                    const int64_t* pos, const int64_t* slots, float* y, int nthreads);
 void layer_norm_rows(const float* x, const float* w, const float* b, int64_t n, int64_t C, float eps, float* y);
-int64_t decode_block_work_floats(int64_t n, int64_t C);
-void decode_block(float* x, const float* const* w, int64_t n, int64_t C, int64_t nh, float eps1, float eps2,
-                  int gelu, float* kc, float* vc, int64_t max_len, const int64_t* pos, const int64_t* slots,
-                  float* work, int nthreads);
+void decode_block(float* x, const void* const* w, const int* fmt, const float* const* scales, const int64_t* group,
+                    int64_t n, int64_t C, int64_t H, int64_t nh, float eps1, float eps2, int gelu, float* kc, float* vc,
+                    int64_t max_len, const int64_t* pos, const int64_t* slots, float* work, int nthreads);
 double stream_sum(const float* p, int64_t n, int nthreads);
+
+/* quant.cpp: weight-only quantized GEMV (llmclock/compress/quant.py) */
+void quant_linear(int fmt, const float* x, int64_t M, int64_t ldx, int64_t K, const void* wp, const float* scales,
+                  int64_t G, int64_t N, const float* bias, float* y, int64_t ldy, int gelu, int acc_out, int nthreads);
 }

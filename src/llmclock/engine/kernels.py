@@ -40,10 +40,9 @@ _kernels = Library({
     "linear_panels": [_ptr, _i64, _i64, _i64, _ptr, _i64, _ptr, _ptr, _i64, _int, _int, _int],
     "stream_sum": [_ptr, _i64, _int],
     "attend_decode": [_ptr, _i64, _i64, _i64, _ptr, _ptr, _i64, _ptr, _ptr, _ptr, _int],
-    "decode_block_work_floats": [_i64, _i64],
-    "decode_block": [_ptr, ctypes.POINTER(_ptr), _i64, _i64, _i64, ctypes.c_float, ctypes.c_float, _int, _ptr, _ptr,
-                     _i64, _ptr, _ptr, _ptr, _int],
-}, restypes={"stream_sum": ctypes.c_double, "decode_block_work_floats": _i64})
+    "decode_block": [_ptr, ctypes.POINTER(_ptr), _ptr, ctypes.POINTER(_ptr), _ptr, _i64, _i64, _i64, _i64,
+                       ctypes.c_float, ctypes.c_float, _int, _ptr, _ptr, _i64, _ptr, _ptr, _ptr, _int],
+}, restypes={"stream_sum": ctypes.c_double})
 get_lib = _kernels.get
 """The compiled kernel library (csrc/decode.cpp's entry points), or None where it is not built."""
 
@@ -172,39 +171,49 @@ def decode_linear(module, *, packed: bool = True, approximate: str = "tanh"):
 
 def make_block(block, c_attn, attn_proj, c_fc, mlp_proj, *, approximate: str = "tanh"):
     """The whole-block decode kernel for `block` (a Block) whose four Linears are packed in the
-    make_linear functions given, or None where it cannot run (no built library, a Linear not
-    packed, not fp32 on the CPU, an MLP not 4x wide, or a block that is not made of its own plain
-    parts: llmclock.fused.is_plain, as an adapter would change what the weights alone compute):
+    make_linear functions given (fp32 panels, or a quantized layer's panels: decode_linear), or None
+    where it cannot run (no built library, a Linear not packed, not fp32 on the CPU, or a block that
+    is not made of its own parts: an adapter changes what the weights alone compute):
 
         f(x (n, C), kc, vc, pos (n,) int64, slots (n,) int64 | None) -> None
 
     runs LayerNorm, the QKV GEMV, the cache write, attention, the projection + residual, LayerNorm,
-    the MLP with GELU and its residual for one decode step in one call, x updated in place; row b
-    writes and attends over cache slot slots[b] (b when slots is None) at position pos[b].
+    the MLP with GELU (any width: a pruned MLP too) and its residual for one decode step in one call,
+    x updated in place; row b writes and attends over cache slot slots[b] (b when slots is None) at
+    position pos[b]. One call instead of ~10 torch ops and kernel calls per block: for GPT-2 124M in
+    int4 those cost ~1 ms of a 4-5 ms cycle, while the other thread waited.
     """
-    from ..fused import is_plain
+    from ..fused import _parts_ok
 
     lib, lins = get_lib(), (c_attn, attn_proj, c_fc, mlp_proj)
-    if lib is None or not is_plain(block):  # first: an adapted Linear has no .bias to read
+    # plain nn.Linear or a layer that brings its own kernel (llmclock.compress's QuantLinear); first:
+    # an adapted Linear has no .bias to read
+    if lib is None or not _parts_ok(block, lambda m: type(m) is torch.nn.Linear or hasattr(type(m), "decode_linear")):
         return None
     ln_1, ln_2, a, m = block.ln_1, block.ln_2, block.attn, block.mlp
-    C = ln_1.weight.numel()
+    C, H = ln_1.weight.numel(), m.c_fc.out_features
     params = [ln_1.weight, ln_1.bias, a.c_attn.bias, a.c_proj.bias, ln_2.weight, ln_2.bias, m.c_fc.bias, m.c_proj.bias]
-    if (any(f.packed is None for f in lins) or m.c_fc.weight.shape != (4 * C, C)
+    if (any(f.packed is None for f in lins) or a.c_attn.out_features != 3 * C or a.c_proj.in_features != C
             or any(p is not None and (p.dtype != torch.float32 or p.device.type != "cpu" or not p.is_contiguous())
                    for p in params)):
         return None
-    ptrs = [ln_1.weight, ln_1.bias, c_attn.packed, a.c_attn.bias, attn_proj.packed, a.c_proj.bias, ln_2.weight,
-            ln_2.bias, c_fc.packed, m.c_fc.bias, mlp_proj.packed, m.c_proj.bias]
+    panels = [f.packed[0] if isinstance(f.packed, tuple) else f.packed for f in lins]
+    quant = [getattr(f, "quant", None) for f in lins]  # (format, scales, group) of a quantized layer
+    ptrs = [ln_1.weight, ln_1.bias, panels[0], a.c_attn.bias, panels[1], a.c_proj.bias, ln_2.weight, ln_2.bias,
+            panels[2], m.c_fc.bias, panels[3], m.c_proj.bias]
     w = (ctypes.c_void_p * 12)(*[None if t is None else t.data_ptr() for t in ptrs])
-    kernel, nh, eps1, eps2, work_floats = lib.decode_block, a.n_head, ln_1.eps, ln_2.eps, lib.decode_block_work_floats
+    fmt = (ctypes.c_int * 4)(*[-1 if q is None else q[0] for q in quant])
+    scales = (ctypes.c_void_p * 4)(*[None if q is None or q[1] is None else q[1].data_ptr() for q in quant])
+    group = (ctypes.c_int64 * 4)(*[0 if q is None else q[2] for q in quant])
+    kernel, nh, eps1, eps2 = lib.decode_block, a.n_head, ln_1.eps, ln_2.eps
     gelu = 1 if approximate == "tanh" else 2
 
     def fused_block(x, kc, vc, pos, slots=None):
         n = x.size(0)
-        work = torch.empty(work_floats(n, C))
-        kernel(x.data_ptr(), w, n, C, nh, eps1, eps2, gelu, kc.data_ptr(), vc.data_ptr(), kc.size(2), pos.data_ptr(),
-               None if slots is None else slots.data_ptr(), work.data_ptr(), torch.get_num_threads())
+        work = torch.empty(n * (5 * C + H))
+        kernel(x.data_ptr(), w, fmt, scales, group, n, C, H, nh, eps1, eps2, gelu, kc.data_ptr(), vc.data_ptr(),
+               kc.size(2), pos.data_ptr(), None if slots is None else slots.data_ptr(), work.data_ptr(),
+               torch.get_num_threads())
 
-    fused_block.keep = (ptrs, w)  # the panels and the pointer array live as long as the function
+    fused_block.keep = (ptrs, lins, w, fmt, scales, group)  # the panels and the arrays live as long as the function
     return fused_block
