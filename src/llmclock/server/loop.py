@@ -28,8 +28,9 @@ SWITCH_INTERVAL = 0.0005
 """Seconds a thread may hold the GIL while another waits for it (Python's default: 5 ms), set for the
 process when the loop starts. The engine thread takes the GIL back after every kernel call, and the
 event loop frames one cycle's tokens for every stream in one go (16 streams: several ms of Python):
-with 5 ms the engine could wait that long mid-cycle. Measured with bench/serve.py (GPT-2 124M shape, 1
-thread): 1 client over HTTP 0.95-0.96x the engine with 0.5 ms, 0.91-0.93x with the default."""
+with 5 ms the engine could wait that long mid-cycle. bench/serve.py (GPT-2 124M shape, 1 thread) gave
+1 client over HTTP 0.95-0.96x the engine with 0.5 ms and 0.91-0.93x with the default in two pairs of
+runs; later runs with 0.5 ms spread over 0.84-0.97x, so this 2-core VM's noise is as large as the effect."""
 
 
 class Busy(Exception):
