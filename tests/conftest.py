@@ -88,3 +88,14 @@ def kernel_or_fallback(request, monkeypatch, module) -> bool:
         monkeypatch.setattr(module._kernels, "lib", None)
         requires_kernels(module)
     return request.param
+
+
+def full_forward_greedy(model, ids: list[int], n: int) -> list[int]:
+    """n greedy tokens after ids, each from a full forward over everything so far (no cache): what
+    cached decoding must reproduce."""
+    out = []
+    for _ in range(n):
+        with torch.no_grad():
+            logits, _ = model(torch.tensor([ids + out]))
+        out.append(int(logits[0, -1].argmax()))
+    return out

@@ -189,7 +189,7 @@ def test_short_prompts_join_the_tick_in_one_pass(tiny_model, char_tok, monkeypat
     kernels over all rows (no separate tick, no torch prefill), and every sequence still gets the greedy
     tokens of a full forward; a prompt longer than KERNEL_PREFILL_ROWS still prefills through torch."""
     from llmclock.engine import kernels, runner
-    from tests.conftest import requires_kernels
+    from tests.conftest import full_forward_greedy as _full_forward_greedy, requires_kernels
 
     requires_kernels(kernels)
     calls = {"tick": 0, "torch": 0}
@@ -214,11 +214,3 @@ def test_short_prompts_join_the_tick_in_one_pass(tiny_model, char_tok, monkeypat
         eng.step()
     assert calls["torch"] == 1 and long.output_ids == _full_forward_greedy(tiny_model, char_tok.encode(PROMPTS[2]), 3)
 
-
-def _full_forward_greedy(model, ids, n):
-    out = []
-    for _ in range(n):
-        with torch.no_grad():
-            logits, _ = model(torch.tensor([ids + out]))
-        out.append(int(logits[0, -1].argmax()))
-    return out

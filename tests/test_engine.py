@@ -5,17 +5,11 @@ from llmclock.config import preset
 from llmclock.engine import Engine, SamplingParams
 from llmclock.errors import LLMClockError
 from llmclock.model import GPT
+from tests.conftest import full_forward_greedy as _full_forward_greedy
 
 PROMPTS = ["First Citizen:\n", "All:\nSpeak", "You are all resolved rather to die"]
 
 
-def _full_forward_greedy(model, ids, n):
-    out = []
-    for _ in range(n):
-        with torch.no_grad():
-            logits, _ = model(torch.tensor([ids + out]))
-        out.append(int(logits[0, -1].argmax()))
-    return out
 
 
 def test_cached_decoding_equals_full_forward_across_slot_reuse(tiny_model, char_tok):
