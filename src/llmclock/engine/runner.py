@@ -159,10 +159,11 @@ def prefill(model, cache: KVCache, chunks: list[tuple[int, int, int]], ids: torc
 
 
 KERNEL_PREFILL_ROWS = 16
-"""A cycle's prompt tokens up to which prefill runs through the decode kernels, each token a row at its
-own position, rather than a torch forward: so few rows are memory-bound, and the kernels stream the
-packed weights at decode speed (GPT-2 124M shape, 1 thread: a 2-token prompt in ~15 ms instead of
-51 ms through torch's matrix products); more rows are compute-bound, where torch's GEMM wins."""
+"""A prompt chunk's tokens up to which it prefills through the decode kernels, each token a row at its
+own position, rather than through a torch forward: so few rows are memory-bound, and the kernels
+stream the packed weights at decode speed (GPT-2 124M shape, 1 thread: a 2-token prompt in ~17 ms
+instead of 51 ms through torch's matrix products); more rows are compute-bound, where torch's GEMM
+wins. Decided per chunk, so a prompt's numerics do not depend on what else shares its cycle."""
 
 
 class ModelRunner:
@@ -190,8 +191,10 @@ class ModelRunner:
         sequences join the short chunks' rows in one pass over the weights, so a cycle that admits a
         short prompt costs about what a plain tick does (with a probe, the tracer's two passes stay)."""
         kernel = self.attend is not None
-        short = [kernel and c.end - c.start <= KERNEL_PREFILL_ROWS for c in prefill]
         join = kernel and probe is None and bool(decode)
+        if not prefill:  # a plain tick: its logits as they come
+            return self._rows([], decode, None) if join else self.tick(decode, probe)
+        short = [kernel and c.end - c.start <= KERNEL_PREFILL_ROWS for c in prefill]
         long = [c for c, k in zip(prefill, short) if not k]
         rows_of = [c for c, k in zip(prefill, short) if k]
         out_long = iter(self.prefill(long, probe) if long else [])
