@@ -147,13 +147,12 @@ def pct(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, int(q * len(xs)))] if xs else float("nan")
 
 
-def report(name: str, s: dict) -> float:
+def report(name: str, s: dict) -> None:
     tps = s["tokens"] / s["seconds"]
     print(f"{name:<26} {s['requests'] / s['seconds']:7.2f} req/s {tps:8.1f} tok/s  "
           f"TTFT p50 {pct(s['ttft'], .5) * 1e3:7.1f} p99 {pct(s['ttft'], .99) * 1e3:7.1f} ms  "
           f"ITL p50 {pct(s['itl'], .5) * 1e3:6.2f} p99 {pct(s['itl'], .99) * 1e3:6.2f} ms  errors {s['errors']}",
           flush=True)
-    return tps
 
 
 def trained_checkpoint(preset_name: str, minutes: float, out: Path) -> str:

@@ -315,11 +315,13 @@ def _parts_ok(block: nn.Module, linear_ok) -> bool:
     return n == len(_PLAIN_PARTS)
 
 
-def is_plain(block: nn.Module) -> bool:
+def is_plain(block: nn.Module, *, own_kernels: bool = False) -> bool:
     """Whether `block` is a Block made of its own parts only, so a kernel that reads its weights
     directly computes what its forward would: no extra modules (an adapter), no hooks, and every
-    Linear a plain nn.Linear (not one wrapped or subclassed by peft's LoRA or a quantizer)."""
-    return _parts_ok(block, lambda m: type(m) is nn.Linear)
+    Linear a plain nn.Linear (not one wrapped or subclassed by peft's LoRA or a quantizer); with
+    `own_kernels`, also a layer that brings its own decode kernel (`decode_linear`: llmclock.compress's
+    quantized layers)."""
+    return _parts_ok(block, lambda m: type(m) is nn.Linear or (own_kernels and hasattr(type(m), "decode_linear")))
 
 
 def _peft_lowrank_types() -> tuple:

@@ -183,12 +183,10 @@ def make_block(block, c_attn, attn_proj, c_fc, mlp_proj, *, approximate: str = "
     position pos[b]. One call instead of ~10 torch ops and kernel calls per block: for GPT-2 124M in
     int4 those cost ~1 ms of a 4-5 ms cycle, while the other thread waited.
     """
-    from ..fused import _parts_ok
+    from ..fused import is_plain
 
     lib, lins = get_lib(), (c_attn, attn_proj, c_fc, mlp_proj)
-    # plain nn.Linear or a layer that brings its own kernel (llmclock.compress's QuantLinear); first:
-    # an adapted Linear has no .bias to read
-    if lib is None or not _parts_ok(block, lambda m: type(m) is torch.nn.Linear or hasattr(type(m), "decode_linear")):
+    if lib is None or not is_plain(block, own_kernels=True):  # first: an adapted Linear has no .bias to read
         return None
     ln_1, ln_2, a, m = block.ln_1, block.ln_2, block.attn, block.mlp
     C, H = ln_1.weight.numel(), m.c_fc.out_features

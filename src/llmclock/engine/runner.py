@@ -191,19 +191,17 @@ class ModelRunner:
         sequences join the short chunks' rows in one pass over the weights, so a cycle that admits a
         short prompt costs about what a plain tick does (with a probe, the tracer's two passes stay)."""
         kernel = self.attend is not None
-        join = kernel and probe is None and bool(decode)
         if not prefill:  # a plain tick: its logits as they come
-            return self._rows([], decode, None) if join else self.tick(decode, probe)
+            return self._rows([], decode, probe) if kernel else self.tick(decode, probe)
+        join = kernel and probe is None and bool(decode)
         short = [kernel and c.end - c.start <= KERNEL_PREFILL_ROWS for c in prefill]
         long = [c for c, k in zip(prefill, short) if not k]
         rows_of = [c for c, k in zip(prefill, short) if k]
         out_long = iter(self.prefill(long, probe) if long else [])
-        together = self._rows(rows_of, decode if join else [], probe) if rows_of or join else None
-        out_rows = iter(together if together is not None else [])
+        out_rows = iter(self._rows(rows_of, decode if join else [], probe) if rows_of or join else [])
         logits = [next(out_rows) if k else next(out_long) for c, k in zip(prefill, short) if c.last]
         if decode:
-            ticked = list(out_rows) if join else list(self.tick(decode, probe))
-            logits += ticked
+            logits += list(out_rows) if join else list(self.tick(decode, probe))
         if not logits:  # the cycle only advanced a long prompt's prefill
             return torch.empty(0, self.model.config.vocab_size, device=self.device)
         return torch.stack(logits)
@@ -243,7 +241,10 @@ class ModelRunner:
 
         Only these rows are computed, compiled or not. The compiled tick always takes the slots as
         an index tensor and a mask (a slice or no mask would be a graph of its own), so the
-        number of rows and the attended length vary inside one dynamic-shape graph."""
+        number of rows and the attended length vary inside one dynamic-shape graph. With the decode
+        kernels, the rows run as `_rows` runs them."""
+        if self.attend is not None:
+            return self._rows([], seqs, probe)
         dev = self.device
         tokens = [s.output_ids[-1] for s in seqs]
         pos = [s.position for s in seqs]
@@ -252,11 +253,9 @@ class ModelRunner:
         slots_t = torch.tensor(slots, device=dev) if self.compiled else _slot_index(slots, dev)
         pos_t = torch.tensor(pos, device=dev)
         mask = None
-        attend = self.attend and _attend_rows(self.attend, slots)
-        if attend is None and (n_rows > 1 or self.compiled):
+        if n_rows > 1 or self.compiled:
             mask = (torch.arange(L, device=dev)[None, :] <= pos_t[:, None]).view(n_rows, 1, 1, L)
-        logits = self._tick(self.plan, self.cache, torch.tensor(tokens, device=dev), pos_t, slots_t, L, mask,
-                            probe, attend)
+        logits = self._tick(self.plan, self.cache, torch.tensor(tokens, device=dev), pos_t, slots_t, L, mask, probe)
         for s in seqs:
             self.cache.lengths[s.slot] = s.position + 1
         return logits
