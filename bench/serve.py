@@ -1,27 +1,36 @@
 """Serving: continuous batching over HTTP vs one request at a time vs the engine called directly.
 
-    python bench/serve.py [--ckpt DIR | --preset gpt2 --train-minutes 2] [--seconds 8] [--threads 1] [--max-tokens 48]
+    python bench/serve.py [--ckpt DIR | --preset gpt2 --train-minutes 2] [--seconds 6] [--rounds 5] [--threads 1]
 
 Without --ckpt, trains a model of --preset's shape (default gpt2: GPT-2 small, 12 layers, 768 wide,
 with the embedded corpus's 4096-token BPE vocabulary and a 128-token context, ~88M parameters) on the
 embedded corpus for --train-minutes first, and keeps it in --run/<preset> for the next run. Continuous
 batching pays off by reading each weight once for every running sequence; a model whose weights fit in
 the CPU's cache (the 2.8M-parameter `--preset demo`, 11 MB) is not memory-bound at batch 1, so the
-engine itself gains ~3.5x from 16 slots there and no server can show 4x on it. Starts two servers
-on 127.0.0.1 in their own processes, on the same checkpoint: one with 16 slots (continuous
-batching) and one with 1 slot (one request at a time, the rest queue). Then, in turn:
+engine itself gains ~3.5x from 16 slots there and no server can show 4x on it.
 
-  - the engine called directly in this process, one request after another (the reference);
-  - 1, 4 and 16 concurrent streaming clients on the batching server, each for --seconds;
-  - 16 clients on the one-slot server, same requests.
+Each round starts three processes on the same checkpoint: two servers on 127.0.0.1, one with 16
+slots (continuous batching) and one with 1 slot (one request at a time, the rest queue), and the
+reference, the engine called directly with no HTTP. Each serves a 2-second warm-up; then, in turn,
+each phase for --seconds:
+
+  - the reference: the engine called directly, one request after another;
+  - 1, 4 and 16 concurrent streaming clients on the batching server;
+  - 16 clients on the one-slot server, same requests;
+
+and the round stops all three. The reference is a process as old as the servers, started with them:
+on this 2-core VM a process just started decoded 3-20% faster than the same code in a process
+minutes old (in four pairs: 0.97, 0.91, 0.93, 0.83x), and identical processes decode up to ~10%
+apart for their whole life (where their memory landed); fresh processes each round spread that luck
+over the rounds rather than putting one process's into every ratio.
 
 Clients are asyncio + httpx in this process, each sending greedy streamed completions from a
 fixed list of prompts until the time is up; every token arrives as its own SSE chunk (logprobs=0),
 so time to first token (TTFT) and inter-token latency (ITL) are measured per token.
 The ratios are medians over the rounds of ratios within a round (phases seconds apart), the tables
-each phase's fastest round. Each server and the reference run torch with --threads threads (default 1: servers, reference and
-clients share the machine). Set LLMCLOCK_NO_CKERNELS=1 to run every side on torch's ops instead of
-the engine's compiled kernels.
+each phase's fastest round. Each server and the reference run torch with --threads threads (default 1:
+servers, reference and clients share the machine). Set LLMCLOCK_NO_CKERNELS=1 to run every side on
+torch's ops instead of the engine's compiled kernels.
 Targets: batching_gain_16 >= 4, p99_itl_16_vs_1 <= 3, http_vs_engine >= 0.9, errors = 0. Last line:
     RESULT batching_gain_16=<x> p99_itl_16_vs_1=<x> http_vs_engine=<x> errors=<n>
 """
@@ -55,6 +64,16 @@ def start_server(ckpt: str, slots: int, threads: int, queue: int) -> tuple[subpr
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
     proc = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return proc, f"http://127.0.0.1:{port}"
+
+
+def stop_servers(servers: list[tuple[subprocess.Popen, str]]) -> None:
+    for proc, _ in servers:
+        proc.terminate()
+    for proc, _ in servers:
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
 
 
 def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 120) -> None:
@@ -117,15 +136,31 @@ async def load(url: str, clients: int, seconds: float, max_tokens: int) -> dict:
     return stats
 
 
-def engine_direct(ckpt: str, seconds: float, max_tokens: int, threads: int) -> dict:
-    """The reference, in its own process as the servers are: the same requests one after another."""
-    out = subprocess.run([sys.executable, __file__, "--engine-direct", "--ckpt", ckpt, "--seconds", str(seconds),
-                          "--max-tokens", str(max_tokens), "--threads", str(threads)],
-                         env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}, capture_output=True, text=True, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+class EngineDirect:
+    """The reference: the engine called directly, in a process of its own started with the servers (as
+    long-lived as theirs: on this VM a process just started decoded 3-20% faster than one minutes old,
+    with nothing else changed), sending the same requests one after another when asked to."""
+
+    def __init__(self, ckpt: str, max_tokens: int, threads: int):
+        self.proc = subprocess.Popen([sys.executable, __file__, "--engine-direct", "--ckpt", ckpt, "--max-tokens",
+                                      str(max_tokens), "--threads", str(threads)], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True, env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"})
+
+    def run(self, seconds: float) -> dict:
+        self.proc.stdin.write(f"{seconds}\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise SystemExit(f"bench: the reference process exited with {self.proc.wait()}")
+        return json.loads(line)
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(30)
 
 
-def _engine_direct(ckpt: str, seconds: float, max_tokens: int, threads: int) -> dict:
+def _engine_direct(ckpt: str, max_tokens: int, threads: int) -> None:
+    """The reference's process: for each number of seconds read from stdin, a JSON line of what it made."""
     import torch
 
     from llmclock.checkpoint import load_checkpoint
@@ -135,11 +170,13 @@ def _engine_direct(ckpt: str, seconds: float, max_tokens: int, threads: int) -> 
     model, tok = load_checkpoint(ckpt)
     engine = Engine(model, tok, slots=16)
     params = SamplingParams(max_new_tokens=max_tokens, temperature=0, logprobs=0)
-    tokens, i, t0 = 0, 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
-        tokens += sum(1 for _ in engine.generate([PROMPTS[i % len(PROMPTS)]], params))
-        i += len(PROMPTS) // 2 + 1
-    return {"tokens": tokens, "seconds": time.perf_counter() - t0}
+    for line in sys.stdin:
+        seconds = float(line)
+        tokens, i, t0 = 0, 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            tokens += sum(1 for _ in engine.generate([PROMPTS[i % len(PROMPTS)]], params))
+            i += len(PROMPTS) // 2 + 1
+        print(json.dumps({"tokens": tokens, "seconds": time.perf_counter() - t0}), flush=True)
 
 
 def pct(xs: list[float], q: float) -> float:
@@ -192,41 +229,37 @@ def main() -> None:
                     "(default gpt2: GPT-2 small, 12 layers, 768 wide; 'demo' is the 2.8M-parameter demo model)")
     ap.add_argument("--train-minutes", type=float, default=2.0)
     ap.add_argument("--run", default="runs/bench-serve", help="where the trained model is kept (and reused)")
-    ap.add_argument("--seconds", type=float, default=8.0, help="each load phase runs this long")
+    ap.add_argument("--seconds", type=float, default=6.0, help="each load phase runs this long")
     ap.add_argument("--threads", type=int, default=1, help="torch threads of each server and of the reference")
     ap.add_argument("--max-tokens", type=int, default=48)
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--engine-direct", action="store_true", help=argparse.SUPPRESS)  # the reference's process
     args = ap.parse_args()
     if args.engine_direct:
-        print(json.dumps(_engine_direct(args.ckpt, args.seconds, args.max_tokens, args.threads)))
+        _engine_direct(args.ckpt, args.max_tokens, args.threads)
         return
     ckpt = args.ckpt or trained_checkpoint(args.preset, args.train_minutes, Path(args.run) / args.preset)
-    servers = [start_server(ckpt, slots, args.threads, queue=64) for slots in (16, 1)]
-    try:
-        for proc, url in servers:
-            wait_ready(url, proc)
-        (_, batching), (_, serial) = servers
-        asyncio.run(load(batching, 2, 2.0, args.max_tokens))  # warm both up
-        asyncio.run(load(serial, 2, 2.0, args.max_tokens))
-        print(f"checkpoint {ckpt}; {args.threads} thread(s); max_tokens {args.max_tokens}; {args.seconds:g} s per "
-              f"phase; {args.rounds} rounds, phases interleaved, each phase's fastest round kept", flush=True)
-        rounds: dict = {}
-        for r in range(args.rounds):
-            rounds.setdefault("direct", []).append(engine_direct(ckpt, args.seconds, args.max_tokens, args.threads))
+    print(f"checkpoint {ckpt}; {args.threads} thread(s); max_tokens {args.max_tokens}; {args.seconds:g} s per "
+          f"phase; {args.rounds} rounds, phases interleaved, fresh servers each round", flush=True)
+    rounds: dict = {}
+    for r in range(args.rounds):
+        (_, batching), (_, serial) = servers = [start_server(ckpt, slots, args.threads, queue=64) for slots in (16, 1)]
+        direct = EngineDirect(ckpt, args.max_tokens, args.threads)
+        try:
+            for proc, url in servers:
+                wait_ready(url, proc)
+            direct.run(2.0)  # warm all three up
+            asyncio.run(load(batching, 2, 2.0, args.max_tokens))
+            asyncio.run(load(serial, 2, 2.0, args.max_tokens))
+            rounds.setdefault("direct", []).append(direct.run(args.seconds))
             for n in (1, 4, 16):
                 rounds.setdefault(n, []).append(asyncio.run(load(batching, n, args.seconds, args.max_tokens)))
             rounds.setdefault("serial", []).append(asyncio.run(load(serial, 16, args.seconds, args.max_tokens)))
-            print(f"round {r + 1}: " + ", ".join(f"{k}: {x[-1]['tokens'] / x[-1]['seconds']:.0f} tok/s"
-                                                  for k, x in rounds.items()), flush=True)
-    finally:
-        for proc, _ in servers:
-            proc.terminate()
-        for proc, _ in servers:
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        finally:
+            direct.close()
+            stop_servers(servers)
+        print(f"round {r + 1}: " + ", ".join(f"{k}: {x[-1]['tokens'] / x[-1]['seconds']:.0f} tok/s"
+                                              for k, x in rounds.items()), flush=True)
     errors = sum(x["errors"] for k, xs in rounds.items() if k != "direct" for x in xs)
     best = {k: max(xs, key=lambda x: x["tokens"] / x["seconds"]) for k, xs in rounds.items()}
     direct_tps = best["direct"]["tokens"] / best["direct"]["seconds"]

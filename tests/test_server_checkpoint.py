@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import time
 
 import pytest
 import torch
@@ -115,3 +117,44 @@ def test_chat_uses_the_checkpoint_template_and_the_adapters(base):
             r = s.client().chat.completions.create(model="tiny", messages=msgs, max_tokens=24, temperature=0)
             assert r.usage.prompt_tokens == prompt_tokens
             assert r.choices[0].message.content == want
+
+
+def test_the_engine_process_serves_as_the_thread_does_and_its_death_is_an_error(base, bpe_tok):
+    """A checkpoint is served by an engine in a process of its own (config.engine_process, the default):
+    the same greedy tokens, logprobs and trace as the engine on a thread; a client that leaves frees
+    its slot there; and if that process dies, requests in flight get an error, /ready says 'failed'
+    and the server stops rather than hang."""
+    import httpx
+
+    body = {"prompt": PROMPT, "max_tokens": 12, "temperature": 0, "logprobs": 2, "llmclock": {"trace": True}}
+    got = {}
+    for ep in (False, True):
+        with serving(None, None, ckpt=str(base / "base"), engine_process=ep) as s:
+            assert (s.state.engine is None) == ep  # in its own process, this one holds no engine
+            with s.http() as c:
+                r = c.post("/v1/completions", json=body).json()
+                got[ep] = (r["choices"][0]["text"], r["choices"][0]["logprobs"]["top_logprobs"],
+                           [x["token_id"] for x in r["llmclock"]["trace"]])
+                if not ep:
+                    continue
+                no_eot = {str(bpe_tok.eot_id): -100}
+                with c.stream("POST", "/v1/completions", json={"prompt": PROMPT, "max_tokens": 200, "stream": True,
+                                                                "logit_bias": no_eot}) as st:
+                    next(x for x in st.iter_lines() if x.startswith("data: {"))
+                deadline = time.monotonic() + 5  # the client left: the slot is freed
+                while s.state.loop.inflight and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                assert s.state.loop.inflight == 0
+                with c.stream("POST", "/v1/completions", json={"prompt": PROMPT, "max_tokens": 200, "stream": True,
+                                                                "logit_bias": no_eot, "logprobs": 0}) as st:
+                    lines = (x for x in st.iter_lines() if x.startswith("data: "))
+                    next(lines)
+                    s.state.loop.core.proc.kill()
+                    rest = list(lines)
+                assert "the engine process exited" in rest[-1] and '"error"' in rest[-1]
+                deadline = time.monotonic() + 5
+                while s.state.load_error is None and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                with contextlib.suppress(httpx.HTTPError):  # it is stopping, or has stopped
+                    assert c.get("/ready").status_code == 503
+    assert got[True] == got[False]

@@ -11,7 +11,7 @@ from .options import add_config_flags, config_from_args, explicit_fields
 
 SERVER_FLAGS = {name: None for name in (
     "host", "port", "slots", "queue", "max_n", "max_tokens", "rpm", "tpm", "max_body", "drain_timeout",
-    "redact", "redact_prompts", "log_prompts")}
+    "redact", "redact_prompts", "log_prompts", "engine_process")}
 
 
 REPLICA_FLAGS = {"min_replicas": None, "max_replicas": None, "target_ongoing_requests": None,

@@ -30,7 +30,7 @@ def build_router(auth) -> APIRouter:
         s = request.app.state.server
         s.require_ready()
         return {"object": "list", "data": [{"id": s.config.model_name, "object": "model", "created": s.created,
-                                            "owned_by": "llmclock", "context_length": s.engine.max_len}]}
+                                            "owned_by": "llmclock", "context_length": s.max_len}]}
 
     @router.post("/v1/completions", response_model=CompletionResponse)
     async def completions(body: CompletionRequest, request: Request):
@@ -91,7 +91,6 @@ async def _serve(request: Request, body, kind: str, n_prompts: int, prepare, siz
     if body.model is not None and body.model != s.config.model_name:
         raise APIError(404, f"The model '{body.model}' does not exist; this server serves '{s.config.model_name}'",
                        type="invalid_request_error", param="model", code="model_not_found")
-    engine = s.engine
     choices = n_prompts * body.n
     if choices > s.config.max_n:
         raise APIError(400, f"n x prompts = {choices} choices; this server allows at most {s.config.max_n}", param="n")
@@ -99,7 +98,7 @@ async def _serve(request: Request, body, kind: str, n_prompts: int, prepare, siz
         ids, texts = prepare()
     else:
         ids, texts = await asyncio.get_running_loop().run_in_executor(s.workers, prepare)
-    V, ctx, cap = engine.model.config.vocab_size, engine.max_len, s.config.max_tokens
+    V, ctx, cap = s.vocab_size, s.max_len, s.config.max_tokens
     if cap and max_tokens and max_tokens > cap:
         raise APIError(400, f"max_tokens is {max_tokens}; this server generates at most {cap} tokens per choice",
                        param="max_tokens")
@@ -203,7 +202,7 @@ class Output:
     """Turns engine events into OpenAI chunks (streaming) or a whole response; counts usage."""
 
     def __init__(self, s, kind: str, job: Job, prompt_lens: list[int], n: int, want_logprobs: bool):
-        self.kind, self.job, self.tok = kind, job, s.engine.tokenizer
+        self.kind, self.job, self.tok = kind, job, s.tokenizer
         self.model, self.created = s.config.model_name, int(time.time())
         self.id = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex
         self.prompt_tokens = sum(prompt_lens)

@@ -13,6 +13,7 @@ import threading
 import time
 from contextlib import asynccontextmanager
 from importlib import resources
+from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
@@ -45,6 +46,8 @@ class Server:
         self.limiter = RateLimiter(config.rpm, config.tpm)
         self.metrics = Metrics()
         self.engine = self.loop = None
+        """The engine loop, once the model is loaded and runs; `engine` too when it runs in this process."""
+        self.max_len = self.vocab_size = None
         self.load_error: str | None = None
         self.created = int(time.time())
         self.access = access_log or logging.getLogger(ACCESS_LOG)
@@ -54,43 +57,64 @@ class Server:
         """Called (from the loading thread) when the model cannot be loaded; run_server stops uvicorn."""
 
     def load(self) -> None:
-        """Load the checkpoint (unless given a model), build the engine and start its loop."""
-        import torch
-
-        from ..engine import Engine
-
+        """Load the checkpoint (unless given a model), build the engine and start its loop: a checkpoint
+        in an engine process of its own (config.engine_process), a model given on a thread of this one."""
         try:
-            if self.config.threads:
-                torch.set_num_threads(self.config.threads)
-            if self.model is None:  # the same loading as `llmclock generate --adapter`: LoRA folded in
-                from ..adapters import load_adapted
-                from ..config import resolve_device
-
-                self.model, self.tokenizer = load_adapted(self.config.ckpt, self.config.adapter,
-                                                          device=resolve_device(self.config.device), merged=True)
             if self.template is None:
                 from ..chat import DEFAULT, template_for
 
                 self.template = template_for(self.config.ckpt, self.config.adapter) if self.config.ckpt else DEFAULT
-            engine = Engine(self.model, self.tokenizer, slots=self.config.slots)
-            self.loop = EngineLoop(engine, self.metrics, queue=self.config.queue, threads=self.config.threads)
-            self.loop.start()
-            self.engine = engine
+            if self.model is None and self.config.engine_process:
+                from ..checkpoint import load_tokenizer, read_config
+
+                ckpt = Path(self.config.ckpt)
+                self.tokenizer = load_tokenizer(ckpt, read_config(ckpt))  # to encode prompts and show tokens
+                loop = EngineLoop.in_process(self.config, self.metrics)
+                self.max_len, self.vocab_size = loop.info["max_len"], loop.info["vocab_size"]
+            else:
+                loop = self._thread_loop()
+            loop.start(on_dead=self._engine_died)
+            self.loop = loop
             self.metrics.ready.set(1)
         except (LLMClockError, OSError, RuntimeError) as e:
-            self.load_error = str(e)
-            logging.getLogger("llmclock.server").error("cannot load the model: %s", e)
-            if self.on_fail is not None:
-                self.on_fail()
+            self._failed(f"cannot load the model: {e}", str(e))
+
+    def _thread_loop(self) -> EngineLoop:
+        import torch
+
+        from ..engine import Engine
+
+        if self.config.threads:
+            torch.set_num_threads(self.config.threads)
+        if self.model is None:  # the same loading as `llmclock generate --adapter`: LoRA folded in
+            from ..adapters import load_adapted
+            from ..config import resolve_device
+
+            self.model, self.tokenizer = load_adapted(self.config.ckpt, self.config.adapter,
+                                                      device=resolve_device(self.config.device), merged=True)
+        self.engine = Engine(self.model, self.tokenizer, slots=self.config.slots)
+        self.max_len, self.vocab_size = self.engine.max_len, self.model.config.vocab_size
+        return EngineLoop.in_thread(self.engine, self.metrics, queue=self.config.queue, threads=self.config.threads)
+
+    def _engine_died(self, message: str) -> None:
+        self.metrics.ready.set(0)
+        self._failed(message, message)
+
+    def _failed(self, log: str, why: str) -> None:
+        """The model cannot serve: say so, and stop the server (run_server then exits non-zero)."""
+        self.load_error = why
+        logging.getLogger("llmclock.server").error("%s", log)
+        if self.on_fail is not None:
+            self.on_fail()
 
     def encode(self, prompts: list) -> list[list[int]]:
         """Token ids of each prompt (texts encoded in one batch, which releases the GIL; id lists kept)."""
         texts = [p for p in prompts if isinstance(p, str)]
-        encoded = iter(self.engine.tokenizer.encode_batch(texts) if texts else [])
+        encoded = iter(self.tokenizer.encode_batch(texts) if texts else [])
         return [next(encoded) if isinstance(p, str) else p for p in prompts]
 
     def require_ready(self) -> None:
-        if self.engine is None:
+        if self.loop is None or self.load_error is not None:
             raise APIError(503, "the model is still loading" if self.load_error is None
                            else f"the model failed to load: {self.load_error}", headers={"Retry-After": "2"})
 
@@ -108,7 +132,7 @@ class Server:
             min_p=body.min_p, repetition_penalty=body.repetition_penalty, presence_penalty=body.presence_penalty,
             frequency_penalty=body.frequency_penalty, logit_bias=bias, stop=stop, seed=body.seed, logprobs=top,
         )
-        params.check_vocab(self.engine.model.config.vocab_size)
+        params.check_vocab(self.vocab_size)
         return params
 
     def authorize(self, request: Request) -> None:
@@ -236,8 +260,8 @@ def create_app(config: ServerConfig | None = None, *, model=None, tokenizer=None
     @app.get("/ready")
     def ready():
         """The model is loaded and the server accepts requests (no key needed)."""
-        if server.engine is None or server.loop.draining:
-            why = "draining" if server.engine is not None else ("failed" if server.load_error else "loading")
+        if server.loop is None or server.loop.draining or server.load_error:
+            why = "failed" if server.load_error else "draining" if server.loop is not None else "loading"
             return JSONResponse({"status": why, "error": server.load_error}, status_code=503)
         return {"status": "ready", "model": config.model_name, "slots": config.slots}
 

@@ -56,6 +56,9 @@ class ServerConfig:
     """Seconds SIGTERM waits for in-flight requests before closing them."""
     threads: int = 0
     """torch threads for the engine; 0 = torch's default."""
+    engine_process: bool = True
+    """Run the engine in a process of its own (as vLLM does), not on a thread next to the HTTP server's
+    event loop, where the same engine served 16 clients up to a sixth slower."""
     device: str = "cpu"
 
     RANGES: ClassVar[dict[str, Range]] = {

@@ -16,6 +16,7 @@ others' latest with its own, every sample labelled `replica="<Ray's replica id>"
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -150,13 +151,15 @@ def app_builder(config: ServerConfig):
     def build():
         from .app import create_app
 
-        app = create_app(config)
+        # The replica is a process of Ray's already: its engine runs on a thread there (a spawned engine
+        # process would start from Ray's worker script as its main module).
+        app = create_app(dataclasses.replace(config, engine_process=False))
         server, inner = app.state.server, app.router.lifespan_context
 
         @asynccontextmanager
         async def lifespan(a):
             async with inner(a) as state:
-                while server.engine is None:  # Ray starts routing to the replica once this returns
+                while server.loop is None:  # Ray starts routing to the replica once this returns
                     if server.load_error:
                         raise LLMClockError(f"serve: cannot load the model: {server.load_error}")
                     await asyncio.sleep(0.05)
