@@ -49,6 +49,7 @@ class Server:
         """The engine loop, once the model is loaded and runs; `engine` too when it runs in this process."""
         self.max_len = self.vocab_size = None
         self.load_error: str | None = None
+        """Why the model cannot serve (it failed to load, or its engine process died), once it cannot."""
         self.created = int(time.time())
         self.access = access_log or logging.getLogger(ACCESS_LOG)
         self.gather_metrics = None
@@ -77,7 +78,7 @@ class Server:
             self.loop = loop
             self.metrics.ready.set(1)
         except (LLMClockError, OSError, RuntimeError) as e:
-            self._failed(f"cannot load the model: {e}", str(e))
+            self._failed(f"cannot load the model: {e}")
 
     def _thread_loop(self) -> EngineLoop:
         import torch
@@ -98,12 +99,12 @@ class Server:
 
     def _engine_died(self, message: str) -> None:
         self.metrics.ready.set(0)
-        self._failed(message, message)
+        self._failed(message)
 
-    def _failed(self, log: str, why: str) -> None:
+    def _failed(self, why: str) -> None:
         """The model cannot serve: say so, and stop the server (run_server then exits non-zero)."""
         self.load_error = why
-        logging.getLogger("llmclock.server").error("%s", log)
+        logging.getLogger("llmclock.server").error("%s", why)
         if self.on_fail is not None:
             self.on_fail()
 
@@ -116,7 +117,7 @@ class Server:
     def require_ready(self) -> None:
         if self.loop is None or self.load_error is not None:
             raise APIError(503, "the model is still loading" if self.load_error is None
-                           else f"the model failed to load: {self.load_error}", headers={"Retry-After": "2"})
+                           else self.load_error, headers={"Retry-After": "2"})
 
     def sampling(self, body, max_tokens: int, stop: list[str], top: int):
         from ..engine import SamplingParams

@@ -161,7 +161,7 @@ def app_builder(config: ServerConfig):
             async with inner(a) as state:
                 while server.loop is None:  # Ray starts routing to the replica once this returns
                     if server.load_error:
-                        raise LLMClockError(f"serve: cannot load the model: {server.load_error}")
+                        raise LLMClockError(f"serve: {server.load_error}")
                     await asyncio.sleep(0.05)
                 async with _metrics_for_all(server):
                     yield state

@@ -85,7 +85,7 @@ def run_server(config: ServerConfig, *, model=None, tokenizer=None, echo=None) -
         echo(f"llmclock: serving {config.model_name} on http://{host}:{port} (playground at /, API at /v1)")
     server.run(sockets=[sock])
     if server_state.load_error:
-        raise LLMClockError(f"serve: cannot load the model: {server_state.load_error}")
+        raise LLMClockError(f"serve: {server_state.load_error}")
 
 
 def draining_server(config, server_state):
