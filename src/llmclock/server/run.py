@@ -67,7 +67,9 @@ def listen(host: str, port: int) -> socket.socket:
 
 
 def run_server(config: ServerConfig, *, model=None, tokenizer=None, echo=None) -> None:
-    """Serve until SIGINT/SIGTERM; on either, stop taking requests and finish those in flight."""
+    """Serve until SIGINT/SIGTERM; on either, stop taking requests and finish those in flight. A
+    checkpoint's engine runs in a spawned process (config.engine_process), which imports the caller's
+    main module again: call this from a script under `if __name__ == "__main__":`."""
     import uvicorn
 
     if model is None:
