@@ -120,9 +120,30 @@ def serving(model, tok, **cfg):
         sock.close()
 
 
+SHARED = {"api_keys": [KEY], "queue": 32, "max_tokens": 200}
+
+
+@pytest.fixture(scope="module", params=["thread", "process"])
+def srv(request, model, bpe_tok, tmp_path_factory):
+    """The shared server, twice: the engine on a thread (the model in memory), and in a process of its
+    own (the same model from a checkpoint, as `llmclock serve --ckpt` runs it)."""
+    if request.param == "thread":
+        with serving(model, bpe_tok, **SHARED) as s:
+            yield s
+        return
+    from llmclock.checkpoint import write_checkpoint
+
+    ckpt = tmp_path_factory.mktemp("srv") / "tiny"
+    write_checkpoint(ckpt, model, bpe_tok)
+    with serving(None, None, ckpt=str(ckpt), **SHARED) as s:
+        assert s.state.engine is None
+        yield s
+
+
 @pytest.fixture(scope="module")
-def srv(model, bpe_tok):
-    with serving(model, bpe_tok, api_keys=[KEY], queue=32, max_tokens=200) as s:
+def tsrv(model, bpe_tok):
+    """The engine on a thread of the server, for tests that slow its cycles or look at it."""
+    with serving(model, bpe_tok, **SHARED) as s:
         yield s
 
 
@@ -194,23 +215,23 @@ def test_stop_logprobs_and_seed(srv):
     assert a[0].text != a[1].text and [x.text for x in a] != [x.text for x in other]
 
 
-def test_sixteen_concurrent_streams_equal_their_solo_runs(srv, model, bpe_tok):
+def test_sixteen_concurrent_streams_equal_their_solo_runs(tsrv, model, bpe_tok):
     prompts = [PROMPTS[i % 4] + " " * (i // 4) for i in range(16)]
     want = [engine_text(model, bpe_tok, p, max_new_tokens=40, temperature=0) for p in prompts]
-    c = srv.client()
+    c = tsrv.client()
 
     def stream(p):
         return "".join(ch.choices[0].text for ch in c.completions.create(
             model="tiny", prompt=p, max_tokens=40, temperature=0, stream=True))
 
-    srv.slow(0.002)  # so the 16 overlap: slots fill, the rest queue and join as slots free
+    tsrv.slow(0.002)  # so the 16 overlap: slots fill, the rest queue and join as slots free
     try:
         with ThreadPoolExecutor(16) as pool:
             got = list(pool.map(stream, prompts))
     finally:
-        del srv.state.engine.step
+        del tsrv.state.engine.step
     assert got == want
-    assert metric(srv, "llmclock_busy_slots") == 0 and metric(srv, "llmclock_queue_depth") == 0
+    assert metric(tsrv, "llmclock_busy_slots") == 0 and metric(tsrv, "llmclock_queue_depth") == 0
 
 
 def test_trace_over_http(srv):
@@ -225,17 +246,18 @@ def test_trace_over_http(srv):
         frames = [json.loads(line[6:]) for line in s.iter_lines() if line.startswith("data: {")]
     streamed = [rec for f in frames for rec in f.get("llmclock", {}).get("trace", [])]
     assert [x["token_id"] for x in streamed] == [x["token_id"] for x in recs]
-    assert srv.state.engine.probe is None  # no traced request in flight: the engine runs probe-free
+    if srv.state.engine is not None:  # on a thread: no traced request in flight, so the engine runs probe-free
+        assert srv.state.engine.probe is None
 
 
 # ------------------------------------------------------------------------------ batching, disconnects
 
 
-def test_disconnect_frees_the_slot_within_two_cycles(srv, bpe_tok):
-    eng = srv.state.engine
-    srv.slow(0.02)
+def test_disconnect_frees_the_slot_within_two_cycles(tsrv, bpe_tok):
+    eng = tsrv.state.engine
+    tsrv.slow(0.02)
     try:
-        with srv.http(headers={"Authorization": f"Bearer {KEY}"}) as c:
+        with tsrv.http(headers={"Authorization": f"Bearer {KEY}"}) as c:
             body = {"prompt": PROMPTS[0], "max_tokens": 200, "temperature": 0, "stream": True,
                     "logit_bias": {str(bpe_tok.eot_id): -100}}
             with c.stream("POST", "/v1/completions", json=body) as s:
@@ -250,7 +272,7 @@ def test_disconnect_frees_the_slot_within_two_cycles(srv, bpe_tok):
         assert not eng.running and eng.cycle - cycle <= 2
     finally:
         del eng.step
-    assert srv.state.loop.inflight == 0
+    assert tsrv.state.loop.inflight == 0
 
 
 def test_full_queue_is_429_with_an_estimated_retry_after(model, bpe_tok):
