@@ -21,7 +21,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from ..errors import LLMClockError
 from .config import ServerConfig
 from .errors import APIError, install
-from .loop import EngineLoop
+from .loop import EngineLoop, load_engine
 from .metrics import Metrics
 from .security import KeyChecker, RateLimiter, redact
 
@@ -81,19 +81,8 @@ class Server:
             self._failed(f"cannot load the model: {e}")
 
     def _thread_loop(self) -> EngineLoop:
-        import torch
-
-        from ..engine import Engine
-
-        if self.config.threads:
-            torch.set_num_threads(self.config.threads)
-        if self.model is None:  # the same loading as `llmclock generate --adapter`: LoRA folded in
-            from ..adapters import load_adapted
-            from ..config import resolve_device
-
-            self.model, self.tokenizer = load_adapted(self.config.ckpt, self.config.adapter,
-                                                      device=resolve_device(self.config.device), merged=True)
-        self.engine = Engine(self.model, self.tokenizer, slots=self.config.slots)
+        self.engine = load_engine(self.config, self.model, self.tokenizer)
+        self.model, self.tokenizer = self.engine.model, self.engine.tokenizer
         self.max_len, self.vocab_size = self.engine.max_len, self.model.config.vocab_size
         return EngineLoop.in_thread(self.engine, self.metrics, queue=self.config.queue, threads=self.config.threads)
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import heapq
-import logging
 import sys
 import threading
 import time
@@ -417,7 +416,7 @@ class ProcessCore:
         self.conn, child = ctx.Pipe()
         c = self.config
         self.proc = ctx.Process(target=_core_main, name="llmclock-engine", daemon=True,
-                                args=(child, c.ckpt, c.adapter, c.device, c.slots, c.threads, self.trace_top_n))
+                                args=(child, self.config, self.trace_top_n))
         self.proc.start()
         child.close()
         try:
@@ -459,32 +458,39 @@ class ProcessCore:
         if not self._stopping:
             self.proc.join(5)
             message = f"the engine process exited with code {self.proc.exitcode}"
-            logging.getLogger("llmclock.server").error(message)
             self._on_report(Report(errors=[(None, message, 500)]))
             if self._on_dead is not None:
                 self._on_dead(message)
 
 
-def _core_main(conn, ckpt, adapter, device, slots, threads, trace_top_n) -> None:
+def load_engine(config, model=None, tokenizer=None):
+    """The Engine `llmclock serve` runs: `model` and `tokenizer` if given, else config's checkpoint loaded as
+    `llmclock generate --adapter` loads it (LoRA folded in); torch set to config.threads (0: its default)."""
+    import torch
+
+    from ..engine import Engine
+
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    if model is None:
+        from ..adapters import load_adapted
+        from ..config import resolve_device
+
+        model, tokenizer = load_adapted(config.ckpt, config.adapter, device=resolve_device(config.device), merged=True)
+    return Engine(model, tokenizer, slots=config.slots)
+
+
+def _core_main(conn, config, trace_top_n) -> None:
     """The engine process: load, say "ready" (or why not), then cycles until "stop" or the pipe closes."""
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the server decides
     try:
-        import torch
-
-        from ..adapters import load_adapted
-        from ..config import resolve_device
-        from ..engine import Engine
-
-        if threads:
-            torch.set_num_threads(threads)
-        model, tok = load_adapted(ckpt, adapter, device=resolve_device(device), merged=True)
-        engine = Engine(model, tok, slots=slots)
+        engine = load_engine(config)
     except Exception as e:  # noqa: BLE001 - whatever it is, the server says it in one line
         conn.send(("failed", str(e) if isinstance(e, (LLMClockError, OSError)) else f"{type(e).__name__}: {e}"))
         return
-    conn.send(("ready", {"max_len": engine.max_len, "vocab_size": model.config.vocab_size}))
+    conn.send(("ready", {"max_len": engine.max_len, "vocab_size": engine.model.config.vocab_size}))
 
     def take(block: bool):
         cmds = []
