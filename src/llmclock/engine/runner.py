@@ -229,7 +229,7 @@ class ModelRunner:
         rows = [e - 1 for c, e in zip(chunks, ends) if c.last] + list(range(n, n + len(seqs)))
         logits = tick(self.plan, self.cache, torch.tensor(tokens, device=dev), torch.tensor(pos, device=dev),
                       _slot_index(slots, dev), max(pos) + 1, None, probe, _attend_rows(self.attend, slots),
-                      rows=torch.tensor(rows, device=dev, dtype=torch.long))
+                      rows=torch.tensor(rows, device=dev, dtype=torch.long) if chunks else None)  # ticks alone: every row
         for c in chunks:
             c.seq.prefilled = self.cache.lengths[c.seq.slot] = c.end
         for s in seqs:
